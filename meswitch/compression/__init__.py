@@ -1,0 +1,1 @@
+"""Delta compression: packing, quantizer, methods, calibration, tuning, quality."""

@@ -1,0 +1,195 @@
+"""Compressed representations of one tensor's delta (W_expert - W_base), and their storage.
+
+Two kinds exist:
+- QuantizedDelta: a 2-D delta whose non-salient input columns are b-bit codes with per-row
+  (or per-group) step sizes and offsets, and whose salient columns are kept in float16.
+- DenseDelta: the whole delta in float16 (or float32 where float16 would not be exact and the
+  method promised a lossless result). Used for norms, biases and `--method fp16`.
+
+Either may carry `extra_rows`: rows of an embedding / LM head that the expert added to the
+vocabulary, stored whole (they have no base rows to be a delta of).
+
+Each kind turns itself into named tensors plus a small JSON-able description
+(`to_tensors`, `from_tensors`); the bundle format (meswitch.bundle) stores those. Every tensor
+stored counts toward `nbytes`, which is what effective bits per parameter are computed from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .packing import pack_codes, packed_row_bytes, unpack_codes
+from .quantizer import AffineParams, dequantize_codes
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+@dataclass
+class QuantizedDelta:
+    shape: tuple[int, int]  # [out, in] of the base part of the delta
+    bits: int
+    packed: torch.Tensor  # uint8 [out, packed_row_bytes(in - k, bits)]
+    params: AffineParams  # scale/offset float16 [out or 1, groups]
+    salient_idx: torch.Tensor  # int32 [k], sorted
+    salient_values: torch.Tensor  # float16 [out, k]
+    extra_rows: torch.Tensor | None = None
+    kind: str = field(default="quantized", init=False)
+
+    @property
+    def n_quantized_cols(self) -> int:
+        return self.shape[1] - self.salient_idx.numel()
+
+    def quantized_columns(self) -> torch.Tensor:
+        keep = torch.ones(self.shape[1], dtype=torch.bool)
+        keep[self.salient_idx.long()] = False
+        return keep.nonzero().squeeze(1)
+
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.packed, self.bits, self.n_quantized_cols)
+
+    def dequantize(self) -> torch.Tensor:
+        """The reconstructed delta of the base rows, float32 [out, in]."""
+        out, cols = self.shape
+        delta = torch.empty(out, cols, dtype=torch.float32)
+        if self.n_quantized_cols:
+            # scale/offset of shape [1, groups] (one per matrix) broadcast over the rows.
+            delta[:, self.quantized_columns()] = dequantize_codes(self.codes(), self.params)
+        if self.salient_idx.numel():
+            delta[:, self.salient_idx.long()] = self.salient_values.float()
+        return delta
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            _nbytes(t)
+            for t in (
+                self.packed,
+                self.params.scale,
+                self.params.offset,
+                self.salient_idx,
+                self.salient_values,
+                self.extra_rows,
+            )
+        )
+
+    def to_tensors(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {
+            f"{prefix}.codes": self.packed,
+            f"{prefix}.scale": self.params.scale,
+            f"{prefix}.offset": self.params.offset,
+            f"{prefix}.salient_idx": self.salient_idx,
+            f"{prefix}.salient_values": self.salient_values,
+        }
+        if self.extra_rows is not None:
+            tensors[f"{prefix}.extra_rows"] = self.extra_rows
+        meta = {
+            "kind": "quantized",
+            "shape": list(self.shape),
+            "bits": self.bits,
+            "group_size": self.params.group_size,
+        }
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, prefix: str, meta: dict, get) -> "QuantizedDelta":
+        shape = tuple(int(v) for v in meta["shape"])
+        bits = int(meta["bits"])
+        q = cls(
+            shape=shape,  # type: ignore[arg-type]
+            bits=bits,
+            packed=get(f"{prefix}.codes"),
+            params=AffineParams(get(f"{prefix}.scale"), get(f"{prefix}.offset"), int(meta["group_size"])),
+            salient_idx=get(f"{prefix}.salient_idx"),
+            salient_values=get(f"{prefix}.salient_values"),
+            extra_rows=get(f"{prefix}.extra_rows", None),
+        )
+        q.validate()
+        return q
+
+    def validate(self) -> None:
+        out, cols = self.shape
+        k = self.salient_idx.numel()
+        expect = (out, packed_row_bytes(cols - k, self.bits))
+        if tuple(self.packed.shape) != expect or self.packed.dtype != torch.uint8:
+            raise ValueError(f"packed codes have shape {tuple(self.packed.shape)}, expected {expect}")
+        if tuple(self.salient_values.shape) != (out, k):
+            raise ValueError("salient values do not match the salient indices")
+        if k and (int(self.salient_idx.min()) < 0 or int(self.salient_idx.max()) >= cols):
+            raise ValueError("salient index out of range")
+        if self.params.scale.shape != self.params.offset.shape or self.params.scale.shape[0] not in (1, out):
+            raise ValueError("step sizes / offsets have the wrong shape")
+
+
+@dataclass
+class DenseDelta:
+    values: torch.Tensor  # float16 or float32, the base part's shape
+    extra_rows: torch.Tensor | None = None
+    # Lossless mode only: flat indices (int64) and exact expert values of the few elements that
+    # base + float32 delta does not reproduce (a weight that moved across many binades).
+    patch_index: torch.Tensor | None = None
+    patch_values: torch.Tensor | None = None
+    kind: str = field(default="dense", init=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.values.float()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(t) for t in (self.values, self.extra_rows, self.patch_index, self.patch_values))
+
+    def to_tensors(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"{prefix}.values": self.values}
+        for field_name in ("extra_rows", "patch_index", "patch_values"):
+            t = getattr(self, field_name)
+            if t is not None:
+                tensors[f"{prefix}.{field_name}"] = t
+        return tensors, {"kind": "dense", "shape": list(self.values.shape)}
+
+    @classmethod
+    def from_tensors(cls, prefix: str, meta: dict, get) -> "DenseDelta":
+        d = cls(
+            values=get(f"{prefix}.values"),
+            extra_rows=get(f"{prefix}.extra_rows", None),
+            patch_index=get(f"{prefix}.patch_index", None),
+            patch_values=get(f"{prefix}.patch_values", None),
+        )
+        if list(d.values.shape) != list(meta["shape"]):
+            raise ValueError(f"dense delta has shape {list(d.values.shape)}, expected {meta['shape']}")
+        if (d.patch_index is None) != (d.patch_values is None):
+            raise ValueError(f"{prefix}: patch indices and values must come together")
+        if d.patch_index is not None and d.patch_index.numel() and (
+            int(d.patch_index.min()) < 0 or int(d.patch_index.max()) >= d.values.numel()
+        ):
+            raise ValueError(f"{prefix}: patch index out of range")
+        return d
+
+
+CompressedDelta = QuantizedDelta | DenseDelta
+
+
+def delta_from_tensors(prefix: str, meta: dict, get) -> CompressedDelta:
+    kind = meta.get("kind")
+    if kind == "quantized":
+        return QuantizedDelta.from_tensors(prefix, meta, get)
+    if kind == "dense":
+        return DenseDelta.from_tensors(prefix, meta, get)
+    raise ValueError(f"unknown delta kind {kind!r} for {prefix}")
+
+
+def apply_delta(base: torch.Tensor, delta: CompressedDelta, dtype: torch.dtype) -> torch.Tensor:
+    """W_expert ~= W_base + delta, cast to `dtype`; added vocabulary rows are appended."""
+    if tuple(base.shape) != tuple(delta.shape):
+        raise ValueError(f"delta of shape {tuple(delta.shape)} does not fit a base tensor of shape {tuple(base.shape)}")
+    w = (base.float() + delta.dequantize()).to(dtype)
+    if isinstance(delta, DenseDelta) and delta.patch_index is not None:
+        w.view(-1)[delta.patch_index.long()] = delta.patch_values.to(dtype)
+    if delta.extra_rows is not None:
+        w = torch.cat([w, delta.extra_rows.to(dtype)], dim=0)
+    return w

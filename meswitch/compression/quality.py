@@ -1,0 +1,40 @@
+"""Quality of a reconstruction against the uncompressed expert, on held-out samples.
+
+Per token position t (predicting token t+1 of the sample):
+- KL(expert || reconstruction) of the next-token distributions (nats, mean over positions);
+- top-1 agreement: both put their highest probability on the same token;
+- perplexity of each model on the sample's actual next tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def compare_to_expert(model: nn.Module, seqs: list[torch.Tensor], expert_logprobs: list[torch.Tensor]) -> dict:
+    if not seqs:
+        return {}
+    device = next(model.parameters()).device
+    kl_sum = agree = nll_e = nll_r = 0.0
+    positions = 0
+    for ids, t_lp in zip(seqs, expert_logprobs):
+        s_lp = torch.log_softmax(model(input_ids=ids[None].to(device), use_cache=False).logits[0].float(), -1).cpu()
+        t_lp = t_lp.float()
+        kl_sum += float((t_lp.exp() * (t_lp - s_lp)).sum(-1).sum())
+        agree += float((t_lp.argmax(-1) == s_lp.argmax(-1)).sum())
+        targets = ids[1:]
+        nll_e -= float(t_lp[:-1].gather(1, targets[:, None]).sum())
+        nll_r -= float(s_lp[:-1].gather(1, targets[:, None]).sum())
+        positions += len(ids)
+    predicted = positions - len(seqs)
+    return {
+        "kl": kl_sum / positions,
+        "top1_agreement": agree / positions,
+        "ppl_expert": math.exp(nll_e / predicted),
+        "ppl_reconstructed": math.exp(nll_r / predicted),
+        "heldout_samples": len(seqs),
+        "heldout_tokens": positions,
+    }

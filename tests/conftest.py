@@ -1,0 +1,122 @@
+"""Tiny random Llama-family models and a tiny tokenizer, built inside the tests (no downloads)."""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import copy  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+CORPUS = [
+    "Tom has 12 apples and gives 5 to Anna. How many apples are left? 12 - 5 = 7.",
+    "def add(a, b):\n    return a + b",
+    "The quick brown fox jumps over the lazy dog.",
+    "Write a Python function that reverses a string.",
+    "A train travels 60 km in 1.5 hours; its speed is 40 km per hour.",
+    "Explain why the sky is blue in one short paragraph.",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+VOCAB = 320
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 8,
+        special_tokens=["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(family: str = "llama", tied: bool = True, vocab: int = VOCAB):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    return cls(**common)
+
+
+def random_model(family: str = "llama", tied: bool = True, seed: int = 0, vocab: int = VOCAB):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, tied, vocab))
+    with torch.no_grad():  # norms away from exactly 1.0 so their deltas are non-trivial
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def derive_expert(base, seed: int = 1, scale: float = 0.02, outlier_cols: int = 0):
+    """A fake fine-tune: base + low-rank + small dense noise (+ optional outlier input columns)."""
+    expert = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in expert.named_parameters():
+            if p.dim() == 2:
+                out, cols = p.shape
+                a = torch.randn(out, 4, generator=g) * scale
+                b = torch.randn(4, cols, generator=g)
+                d = a @ b / 2 + scale * 0.3 * torch.randn(out, cols, generator=g)
+                if outlier_cols:
+                    idx = torch.randperm(cols, generator=g)[:outlier_cols]
+                    d[:, idx] *= 25
+                p.add_(d)
+            else:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return expert
+
+
+def save_checkpoint(model, tokenizer, path: Path, dtype=torch.bfloat16) -> Path:
+    path = Path(path)
+    model.to(dtype).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    model.to(torch.float32)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer):
+    """A bf16 Llama base and two experts saved as HF directories."""
+    d = tmp_path_factory.mktemp("tiny")
+    base = random_model("llama", tied=True, seed=0)
+    paths = {"base": save_checkpoint(base, tokenizer, d / "base")}
+    for name, seed in (("math", 1), ("code", 2)):
+        paths[name] = save_checkpoint(derive_expert(base, seed=seed), tokenizer, d / name)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    import json
+
+    lines = [json.dumps({"prompt": p}) for p in CORPUS] + [json.dumps({"text": t}) for t in CORPUS]
+    f.write_text("\n".join(lines) + "\n")
+    return f

@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from meswitch.compression.delta import DenseDelta, QuantizedDelta, apply_delta
+from meswitch.compression.methods import CompressionSpec, compress_matrix, dense_delta, quantize_matrix, select_salient
+
+
+def delta_with_outliers(out=64, cols=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    delta = 0.01 * torch.randn(out, cols, generator=g)
+    x = torch.randn(512, cols, generator=g)
+    big_delta = [5, 77]  # the fine-tune moved these input channels a lot
+    big_act = [140, 201]  # these channels carry large activations
+    delta[:, big_delta] *= 30
+    x[:, big_act] *= 30
+    return delta, x, sorted(big_delta + big_act)
+
+
+def output_error(x, delta, d_hat):
+    return float(((x @ (delta - d_hat).T) ** 2).sum())
+
+
+def test_saliency_finds_planted_outlier_channels():
+    delta, x, planted = delta_with_outliers()
+    s = (x * x).sum(0)
+    idx = select_salient(delta, bits=2, k=4, col_weight=s)
+    assert idx.tolist() == planted
+    # Without activation statistics only the large-delta channels stand out.
+    assert set(select_salient(delta, bits=2, k=2).tolist()) == {5, 77}
+
+
+def test_salient_columns_are_stored_exactly_in_16_bit():
+    delta, x, planted = delta_with_outliers()
+    q = quantize_matrix(delta, 2, salient_k=4, col_weight=(x * x).sum(0))
+    d_hat = q.dequantize()
+    assert torch.equal(d_hat[:, planted], delta[:, planted].half().float())
+    assert q.codes().shape == (64, 252)
+
+
+def effective_bits(q) -> float:
+    return 8 * q.nbytes / (q.shape[0] * q.shape[1])
+
+
+def test_mixed_beats_rtn_at_equal_effective_bits():
+    delta, x, _ = delta_with_outliers()
+    s = (x * x).sum(0)
+    mixed = quantize_matrix(delta, 2, salient_k=4, col_weight=s)
+    mb = effective_bits(mixed)
+    # The cheapest RTN configuration that spends at least as many bits as mixed.
+    candidates = [quantize_matrix(delta, 2, group_size=g, col_weight=s) for g in (256, 128, 64, 32, 16, 8)]
+    rtn = min((c for c in candidates if effective_bits(c) >= mb), key=effective_bits)
+    assert effective_bits(rtn) >= mb
+    err_mixed = output_error(x, delta, mixed.dequantize())
+    err_rtn = output_error(x, delta, rtn.dequantize())
+    assert err_mixed < 0.5 * err_rtn, (mb, effective_bits(rtn), err_mixed, err_rtn)
+
+
+def test_activation_weighting_lowers_output_error():
+    delta, x, _ = delta_with_outliers()
+    s = (x * x).sum(0)
+    weighted = quantize_matrix(delta, 2, salient_k=0, col_weight=s)
+    plain = quantize_matrix(delta, 2, salient_k=0)
+    assert output_error(x, delta, weighted.dequantize()) <= output_error(x, delta, plain.dequantize())
+
+
+def test_bitdelta_is_sign_times_one_scale():
+    delta = torch.randn(32, 48)
+    q = compress_matrix(delta, CompressionSpec(method="bitdelta"))
+    assert isinstance(q, QuantizedDelta) and q.bits == 1
+    alpha = delta.abs().mean()
+    d_hat = q.dequantize()
+    assert torch.allclose(d_hat.abs(), torch.full_like(d_hat, float(alpha)), rtol=2e-3)
+    assert torch.equal(torch.sign(d_hat), torch.where(delta > 0, 1.0, -1.0))
+    assert effective_bits(q) < 1.1
+
+
+def test_fp16_dense_delta_reproduces_bf16_expert_exactly():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 64, generator=g).bfloat16()
+    expert = (base.float() + 0.01 * torch.randn(64, 64, generator=g)).bfloat16()
+    expert[0, 0] = 1e-7  # a tiny weight far from its base value
+    d = dense_delta(expert.float() - base.float(), base, expert)
+    assert torch.equal(apply_delta(base, d, torch.bfloat16), expert)
+    # float16 values, with exact patches for the few elements it cannot reproduce (tiny weights).
+    assert d.values.dtype == torch.float16 and 0 in d.patch_index.tolist()
+    assert d.patch_index.numel() < 0.01 * expert.numel()
+
+
+def test_dense_delta_falls_back_to_float32_when_float16_is_not_exact():
+    base = torch.tensor([[1.0, 3.0]])
+    expert = torch.tensor([[1.0 + 2**-12 + 2**-23, 3.0]])  # a float32 delta with 12 significant bits
+    d = dense_delta(expert - base, base, expert)
+    assert isinstance(d, DenseDelta) and d.values.dtype == torch.float32 and d.patch_index is None
+    assert torch.equal(apply_delta(base, d, torch.float32), expert)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "gptq"}, "unknown method"),
+        ({"bits": 5}, "--bits"),
+        ({"salient": 2.5}, "--salient"),
+        ({"salient": -1}, "--salient"),
+        ({"group_size": -4}, "--group-size"),
+    ],
+)
+def test_bad_specs_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CompressionSpec(**kwargs).validate()
+
+
+def test_salient_count_and_fraction():
+    assert CompressionSpec(salient=0.01).salient_count(576) == 6
+    assert CompressionSpec(salient=8).salient_count(576) == 8
+    assert CompressionSpec(salient=8).salient_count(4) == 3  # one column stays quantized
+    assert CompressionSpec(method="rtn", salient=8).salient_count(576) == 0
