@@ -50,6 +50,7 @@ ARCH_FIELDS = (
     "tie_word_embeddings",
 )
 VOCAB_TENSOR_MARKERS = ("embed_tokens", "lm_head")
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 class CheckpointError(ValueError):
@@ -167,13 +168,20 @@ class Checkpoint:
             return self.get("model.embed_tokens.weight")
         return self.get(name)
 
+    def tensor_dtype(self, name: str) -> torch.dtype:
+        if self._tensors is not None:
+            return self._tensors[name].dtype
+        with safe_open(self._files[name], framework="pt") as f:
+            code = f.get_slice(name).get_dtype()  # read from the header, no data loaded
+        return SAFETENSORS_DTYPES.get(code, torch.float32)
+
     def dtype(self) -> torch.dtype:
-        """The dtype most floating tensors are stored in."""
+        """The dtype most floating-point parameters are stored in."""
         counts: Counter = Counter()
-        for name in self.keys()[:64]:
-            t = self.get(name)
-            if t.is_floating_point():
-                counts[t.dtype] += t.numel()
+        for name in self.weight_names():
+            dt = self.tensor_dtype(name)
+            if dt.is_floating_point:
+                counts[dt] += _numel(self.shape(name))
         return counts.most_common(1)[0][0] if counts else torch.float32
 
     def num_parameters(self) -> int:

@@ -141,7 +141,7 @@ def cmd_compress(args) -> int:
             params = spec.as_dict()
             params.update({"tune_steps": args.tune_steps, "calibration": calib[n] or "builtin",
                            "calibration_max_len": args.calib_max_len})
-            nbytes = record["bytes_on_disk"]
+            nbytes = record["bytes"]
             entry = {
                 "source": ckpts[n].reference,
                 "description": descriptions.get(n, ""),

@@ -21,6 +21,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # local checkpoints only; must be set before transformers is imported
 
 import argparse
+import glob
 import hashlib
 import json
 import math
@@ -131,7 +132,7 @@ def make_optimizer(params, lr, weight_decay):
 
 
 def train(model, examples, pad_id, args):
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())  # tied embedding/lm_head weight appears once
     for p in params:
         p.requires_grad_(True)
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
@@ -185,8 +186,10 @@ def check_out_dir(out_dir):
 
 def save_output(model, tokenizer, out_dir, dtype, meta):
     out_dir = os.path.abspath(out_dir.rstrip("/"))
-    tmp_dir = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_prefix = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp-")
+    for stale in glob.glob(tmp_prefix + "*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp_dir = tmp_prefix + str(os.getpid())
     try:
         model.to(dtype)  # tie_word_embeddings comes from the loaded config and is saved unchanged
         model.save_pretrained(tmp_dir)  # transformers >= 5 always writes safetensors
@@ -207,10 +210,13 @@ def parse_args(argv=None):
     ap.add_argument("--base", required=True, help="local HF checkpoint directory of the base model")
     ap.add_argument("--data", required=True, help="JSONL file of {prompt, response} pairs")
     ap.add_argument("--out", required=True, help="output checkpoint directory")
-    ap.add_argument("--steps", type=int, default=40)
+    # Defaults sized for `make demo` on 2 CPU cores: ~2.5 s/step for 135M params at batch 8 x 96 tokens
+    # (~80 s total); the templated demo data drops from loss ~1.1-1.5 to < 0.1 and the bf16 delta
+    # W_expert - W_base touches over half of all weights.
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=96, help="examples are truncated to this many tokens")
-    ap.add_argument("--lr", type=float, default=3e-5, help="peak learning rate")
+    ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)

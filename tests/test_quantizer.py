@@ -56,3 +56,12 @@ def test_constant_rows_are_exact():
     x = torch.zeros(3, 10)
     x[1] = 0.25
     assert torch.equal(quantize_dequantize(x, 2), x)
+
+
+def test_uneven_last_group_round_trips_within_half_a_step():
+    x = torch.randn(6, 70)
+    p = fit_affine(x, 3, group_size=32, clip_grid=(1.0,))
+    assert p.scale.shape == (6, 3)
+    x_hat = dequantize_codes(quantize_codes(x, p, 3), p)
+    step = p.scale.float().repeat_interleave(32, dim=1)[:, :70]
+    assert ((x - x_hat).abs() <= step * 0.505).all()

