@@ -73,9 +73,9 @@ class Checkpoint:
     # ----- opening -------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Checkpoint":
-        p = Path(path)
+        p = Path(path).resolve()  # the reference recorded in a bundle must work from any directory
         if not p.exists():
-            raise CheckpointError(f"checkpoint not found: {p}")
+            raise CheckpointError(f"checkpoint not found: {path}")
         if p.is_file():
             if p.suffix != ".gguf":
                 raise CheckpointError(f"{p}: a checkpoint is a Hugging Face model directory or a .gguf file")

@@ -115,9 +115,10 @@ def cmd_compress(args) -> int:
     out = Path(args.out)
     bundle_existed = out.exists()
     base = Checkpoint.open(args.base)
-    log(f"base: {base.reference} ({base.config.get('model_type')}, {base.num_parameters():,} parameters)")
+    base_params = base.num_parameters()
+    log(f"base: {base.reference} ({base.config.get('model_type')}, {base_params:,} parameters)")
     base_fp = fingerprint(base, progress=True)
-    bundle = Bundle.open_or_create(out, base.reference, base_fp, base.config, base.num_parameters())
+    bundle = Bundle.open_or_create(out, base.reference, base_fp, base.config, base_params)
     clash = [n for n in names if n in bundle.experts]
     if clash and not args.overwrite:
         raise UsageError(f"bundle {out} already has expert(s) {', '.join(clash)} (use --overwrite to replace)")

@@ -114,3 +114,25 @@ def test_salient_count_and_fraction():
     assert CompressionSpec(salient=8).salient_count(576) == 8
     assert CompressionSpec(salient=8).salient_count(4) == 3  # one column stays quantized
     assert CompressionSpec(method="rtn", salient=8).salient_count(576) == 0
+
+
+@pytest.mark.parametrize("method", ["mixed", "bitdelta"])
+def test_tunable_layer_starts_at_the_stored_reconstruction(method):
+    from torch import nn
+
+    from meswitch.compression.student import TunableDeltaLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 32, bias=True)
+    delta = 0.01 * torch.randn(32, 48)
+    spec = CompressionSpec(method=method, bits=2, salient=3, group_size=16)
+    q = compress_matrix(delta, spec, col_weight=torch.rand(48))
+    layer = TunableDeltaLinear(linear, linear.weight.detach(), q)
+    x = torch.randn(5, 48)
+    want = nn.functional.linear(x, apply_delta(linear.weight.detach(), q, torch.float32), linear.bias)
+    assert torch.allclose(layer(x), want, atol=1e-6)
+    # Gradients reach exactly the step sizes and offsets.
+    layer(x).sum().backward()
+    assert layer.scale_mult.grad is not None and layer.offset_shift.grad is not None
+    p = layer.current_params()
+    assert torch.equal(p.scale, q.params.scale) and torch.equal(p.offset, q.params.offset)

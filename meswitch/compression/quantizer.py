@@ -118,8 +118,9 @@ def fit_affine(
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         offset = lo.to(SCALE_DTYPE)
         s, o = scale.float()[..., None], offset.float()[..., None]
-        q = torch.round((xg - o) / s).clamp_(0, qmax)
-        err = (((q * s + o) - xg) ** 2 * wg).sum(dim=-1)
+        # In-place chain: codes, then reconstruction error, without extra temporaries.
+        r = (xg - o).div_(s).round_().clamp_(0, qmax).mul_(s).add_(o).sub_(xg).square_()
+        err = r.mul_(wg).sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
