@@ -53,6 +53,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    """safetensors.save_file, then the permissions any other new file gets (it writes 0600),
+    so that a server running as another user can read a bundle or a materialized expert."""
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -192,7 +201,7 @@ class Bundle:
             tensors.update({k: v.contiguous() for k, v in ts.items()})
             layout[tname] = meta
         weights_tmp = experts_dir / f".{name}.safetensors.tmp"
-        save_file(
+        save_safetensors(
             tensors,
             weights_tmp,
             metadata={

@@ -11,12 +11,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..checkpoints import Checkpoint, fingerprint
 from ..compression.delta import apply_delta
-from .format import Bundle, BundleError
+from .format import Bundle, BundleError, save_safetensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARD_BYTES = 2 << 30
@@ -47,7 +46,7 @@ def materialize(bundle: Bundle, name: str, base: Checkpoint, out: str | Path, pr
 
     def flush():
         fname = f"model-{len(filenames) + 1:05d}.safetensors"
-        save_file(shards[-1], tmp / fname, metadata={"format": "pt"})
+        save_safetensors(shards[-1], tmp / fname, metadata={"format": "pt"})
         filenames.append(fname)
         for k in shards[-1]:
             weight_map[k] = fname
