@@ -62,7 +62,7 @@ def random_model(family: str = "llama", tied: bool = True, seed: int = 0, vocab:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, tied, vocab))
     with torch.no_grad():  # norms away from exactly 1.0 so their deltas are non-trivial
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.05 * torch.randn_like(p))
     return model.eval()
@@ -73,7 +73,7 @@ def derive_expert(base, seed: int = 1, scale: float = 0.02, outlier_cols: int = 
     expert = copy.deepcopy(base)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in expert.named_parameters():
+        for p in expert.parameters():
             if p.dim() == 2:
                 out, cols = p.shape
                 a = torch.randn(out, 4, generator=g) * scale

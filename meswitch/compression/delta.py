@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .packing import pack_codes, packed_row_bytes, unpack_codes
+from .packing import packed_row_bytes, unpack_codes
 from .quantizer import AffineParams, dequantize_codes
 
 

@@ -20,7 +20,7 @@ def compare_to_expert(model: nn.Module, seqs: list[torch.Tensor], expert_logprob
     device = next(model.parameters()).device
     kl_sum = agree = nll_e = nll_r = 0.0
     positions = 0
-    for ids, t_lp in zip(seqs, expert_logprobs):
+    for ids, t_lp in zip(seqs, expert_logprobs, strict=True):
         s_lp = torch.log_softmax(model(input_ids=ids[None].to(device), use_cache=False).logits[0].float(), -1).cpu()
         t_lp = t_lp.float()
         kl_sum += float((t_lp.exp() * (t_lp - s_lp)).sum(-1).sum())

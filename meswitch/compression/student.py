@@ -94,7 +94,7 @@ def _kl_to_teacher(logits: torch.Tensor, teacher_lp: torch.Tensor) -> torch.Tens
 def mean_kl(model: nn.Module, seqs: list[torch.Tensor], teacher: list[torch.Tensor]) -> float:
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for ids, t in zip(seqs, teacher):
+    for ids, t in zip(seqs, teacher, strict=True):
         logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0]
         total += float(_kl_to_teacher(logits, t.to(device))) * len(ids)
         count += len(ids)
