@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from .bundle.format import Bundle, BundleError, check_expert_name  # noqa: E402
 from .checkpoints import Checkpoint, CheckpointError, check_compatible, fingerprint  # noqa: E402
-from .compression.calibration import CalibrationError  # noqa: E402
+from .compression.calibration import CalibrationError, load_samples  # noqa: E402
 from .compression.methods import METHODS, CompressionSpec  # noqa: E402
 
 USER_ERRORS = (BundleError, CheckpointError, CalibrationError, ValueError, FileNotFoundError)
@@ -47,14 +47,17 @@ def _parse_salient(v: str) -> float:
     return x
 
 
-def _nonneg_int(v: str) -> int:
-    try:
-        x = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v!r}") from None
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
-    return x
+def _int_at_least(minimum: int):
+    def parse(v: str) -> int:
+        try:
+            x = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}") from None
+        if x < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {v}")
+        return x
+
+    return parse
 
 
 def _calib_paths(values: list[str] | None, expert_names: list[str]) -> dict[str, str | None]:
@@ -97,6 +100,8 @@ def cmd_compress(args) -> int:
     if unknown:
         raise UsageError(f"--description for unknown expert(s): {', '.join(sorted(unknown))}")
     calib = _calib_paths(args.calib, names)
+    for path in set(calib.values()):  # a malformed file fails now, not after hours of work
+        load_samples(path)
     spec = CompressionSpec(
         method=args.method,
         bits=args.bits,
@@ -186,7 +191,8 @@ def print_inspect(bundle: Bundle, as_json: bool = False) -> None:
 
     base = bundle.manifest["base"]
     table = Table(title=f"meswitch bundle {bundle.path}")
-    for col in ("expert", "method", "bits", "eff. bits", "size", "vs 16-bit", "KL", "top-1", "ppl expert -> recon", "description"):
+    for col in ("expert", "method", "bits", "eff. bits", "size", "vs 16-bit", "KL", "top-1", "ppl expert -> recon",
+                "tuning KL", "description"):
         table.add_column(col, justify="left" if col in ("expert", "method", "description") else "right")
     for name, e in sorted(bundle.experts.items()):
         q = e.get("quality") or {}
@@ -195,10 +201,12 @@ def print_inspect(bundle: Bundle, as_json: bool = False) -> None:
         if e["method"] == "mixed":
             bits += f" +{p.get('salient')} sal."
         ppl = (f"{q['ppl_expert']:.2f} -> {q['ppl_reconstructed']:.2f}" if "ppl_expert" in q else "-")
+        t = e.get("tuning") or {}
+        tuned = f"{t['kl_before']:.4f} -> {t['kl_after']:.4f}" if "kl_before" in t else "-"
         table.add_row(
             name, e["method"], bits, f"{e['effective_bits']:.3f}", f"{e['bytes'] / 2**20:.1f} MiB",
             f"{e['compression_ratio_vs_16bit']:.2f}x", _fmt(q.get("kl"), ".4f"), _fmt(q.get("top1_agreement"), ".3f"),
-            ppl, e.get("description", ""),
+            ppl, tuned, e.get("description", ""),
         )
     console = Console()
     if not console.is_terminal:  # piped or captured: do not wrap to a default 80 columns
@@ -251,13 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bits", type=int, default=2, help="bits per quantized weight: 1, 2, 3, 4 or 8 (default 2)")
     c.add_argument("--salient", type=_parse_salient, default=0.01,
                    help="16-bit input channels per matrix: a count, or a fraction if < 1 (default 0.01)")
-    c.add_argument("--group-size", type=_nonneg_int, default=0, help="input columns per step size (0: per output channel)")
+    c.add_argument("--group-size", type=_int_at_least(0), default=0, help="input columns per step size (0: per output channel)")
     c.add_argument("--calib", action="append", metavar="[NAME=]FILE",
                    help="calibration samples (.txt/.jsonl/.json), for one expert or all (default: built-in set)")
-    c.add_argument("--calib-samples", type=_nonneg_int, default=64, help="at most this many samples per expert")
-    c.add_argument("--calib-max-len", type=_nonneg_int, default=128, help="tokens per sample")
+    c.add_argument("--calib-samples", type=_int_at_least(2), default=64, help="at most this many samples per expert")
+    c.add_argument("--calib-max-len", type=_int_at_least(2), default=128, help="tokens per sample")
     c.add_argument("--heldout", type=float, default=0.25, help="fraction of samples held out for the quality report")
-    c.add_argument("--tune-steps", type=_nonneg_int, default=0, help="step-size distillation steps (default 0: off)")
+    c.add_argument("--tune-steps", type=_int_at_least(0), default=0, help="step-size distillation steps (default 0: off)")
     c.add_argument("--keep-embeddings-16bit", action="store_true", help="store embedding / LM head deltas in 16 bits")
     c.add_argument("--description", action="append", metavar="NAME=TEXT", help="one-line description of an expert's domain")
     c.add_argument("--overwrite", action="store_true", help="replace experts of the same name in the bundle")

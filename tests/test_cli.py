@@ -64,8 +64,10 @@ def test_manifest_records_what_was_built(bundle, tiny_models):
 def test_inspect_prints_a_table(bundle, capsys):
     assert main(["inspect", str(bundle)]) == 0
     out = capsys.readouterr().out
-    for word in ("math", "code", "mixed", "eff. bits", "grade-school arithmetic"):
+    for word in ("math", "code", "mixed", "eff. bits", "grade-school arithmetic", "tuning KL"):
         assert word in out
+    t = Bundle.open(bundle).experts["math"]["tuning"]
+    assert f"{t['kl_before']:.4f} -> {t['kl_after']:.4f}" in out
     assert main(["inspect", str(bundle), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["experts"]["code"]["method"] == "mixed"
 
@@ -187,14 +189,28 @@ def test_unknown_format_version_is_refused(small_bundle, capsys):
         (["--expert", "bad/name=/tmp"], "invalid expert name"),
         (["--description", "other=text"], "unknown expert"),
         (["--tune-steps", "3", "--method", "fp16"], "nothing to tune"),
+        (["--calib", "BADCALIB"], "invalid JSON"),
     ],
 )
-def test_bad_arguments_fail_clearly_and_leave_the_bundle_intact(small_bundle, tiny_models, extra, message, capsys):
+def test_bad_arguments_fail_clearly_and_leave_the_bundle_intact(small_bundle, tiny_models, extra, message, capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": \n')
+    extra = [str(bad) if e == "BADCALIB" else e for e in extra]
     before = snapshot(small_bundle)
     rc = compress("--base", tiny_models["base"], "--expert", f"math={tiny_models['math']}", "--out", small_bundle, *extra)
     assert rc in (1, 2)
     assert message in capsys.readouterr().err
     assert snapshot(small_bundle) == before
+
+
+@pytest.mark.parametrize("flag, value", [("--calib-samples", "0"), ("--group-size", "-1"), ("--salient", "2.5"),
+                                         ("--bits", "two"), ("--method", "gptq")])
+def test_malformed_options_are_rejected_by_the_parser(flag, value, tiny_models, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        compress("--base", tiny_models["base"], "--expert", f"math={tiny_models['math']}", "--out", tmp_path / "b",
+                 flag, value)
+    assert exc.value.code == 2 and flag in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_existing_expert_needs_overwrite(small_bundle, tiny_models, capsys):
