@@ -12,7 +12,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from .bundle.format import Bundle, BundleError, check_expert_name  # noqa: E402
-from .checkpoints import Checkpoint, CheckpointError, check_compatible, fingerprint  # noqa: E402
+from .checkpoints import DTYPES, Checkpoint, CheckpointError, check_compatible, fingerprint  # noqa: E402
 from .compression.calibration import CalibrationError, load_samples  # noqa: E402
 from .compression.methods import METHODS, CompressionSpec  # noqa: E402
 
@@ -141,7 +141,8 @@ def cmd_compress(args) -> int:
                 base, ckpts[n], spec,
                 CalibrationConfig(path=calib[n], max_len=args.calib_max_len, max_samples=args.calib_samples,
                                   heldout_fraction=args.heldout),
-                tune_steps=args.tune_steps, device=args.device, name=n, log=log,
+                tune_steps=args.tune_steps, device=args.device, model_dtype=DTYPES[args.model_dtype],
+                name=n, log=log,
             )
             record = bundle.stage_expert(n, result.deltas, ckpts[n].save_aux_files)
             params = spec.as_dict()
@@ -236,12 +237,9 @@ def cmd_materialize(args) -> int:
 
 # ----- convert -------------------------------------------------------------------------------
 def cmd_convert(args) -> int:
-    import torch
-
     from .checkpoints import convert_gguf
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    out = convert_gguf(args.gguf, args.out, dtype)
+    out = convert_gguf(args.gguf, args.out, DTYPES[args.dtype])
     log(f"wrote {out}")
     return 0
 
@@ -270,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--description", action="append", metavar="NAME=TEXT", help="one-line description of an expert's domain")
     c.add_argument("--overwrite", action="store_true", help="replace experts of the same name in the bundle")
     c.add_argument("--device", default="cpu", help="torch device for calibration, tuning and quality (default cpu)")
+    c.add_argument("--model-dtype", choices=sorted(DTYPES), default="float32",
+                   help="dtype the expert and base models run in for calibration, tuning and quality "
+                        "(bfloat16 halves their memory; default float32)")
     c.set_defaults(func=cmd_compress)
 
     i = sub.add_parser("inspect", help="show the experts of a bundle")
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("convert", help="convert a GGUF model to a Hugging Face safetensors directory")
     v.add_argument("gguf", help=".gguf file (or a directory holding one)")
     v.add_argument("--out", required=True)
-    v.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    v.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     v.set_defaults(func=cmd_convert)
     return p
 

@@ -279,3 +279,13 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     r = subprocess.run([exe, "inspect", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 1
     assert "not a meswitch bundle" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_models_can_run_in_bfloat16_for_calibration_tuning_and_quality(tiny_models, tmp_path):
+    out = tmp_path / "bf16"
+    assert compress("--base", tiny_models["base"], "--expert", f"math={tiny_models['math']}", "--out", out,
+                    "--model-dtype", "bfloat16", "--tune-steps", 6) == 0
+    e = Bundle.open(out).experts["math"]
+    assert e["quality"]["kl"] < 0.1 and e["tuning"]["steps"] == 6
+    assert e["dtype"] == "bfloat16"
+    assert main(["materialize", str(out), "math", "--out", str(tmp_path / "m")]) == 0

@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints import Checkpoint, fingerprint
+from ..checkpoints import DTYPES, Checkpoint, fingerprint
 from ..compression.delta import apply_delta
 from .format import Bundle, BundleError, save_safetensors
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARD_BYTES = 2 << 30
 
 

@@ -100,6 +100,7 @@ def compress_expert(
     calib: CalibrationConfig,
     tune_steps: int = 0,
     device: str = "cpu",
+    model_dtype: torch.dtype = torch.float32,
     name: str = "expert",
     progress: bool = True,
     log=print,
@@ -114,7 +115,7 @@ def compress_expert(
     calib_seqs, heldout = split_heldout(seqs, calib.heldout_fraction)
     log(f"[{name}] calibration: {len(calib_seqs)} samples, held out for quality: {len(heldout)}")
 
-    model = expert.load_model(torch.float32, device)
+    model = expert.load_model(model_dtype, device)
     moments = collect_input_moments(model, calib_seqs, progress)
     heldout_lp = next_token_logprobs(model, heldout, progress, "expert (held-out)")
     calib_lp = (
@@ -128,7 +129,7 @@ def compress_expert(
 
     vocab = int(expert.config.get("vocab_size") or expert.shape("model.embed_tokens.weight")[0])
     dtype = expert.dtype()
-    student = build_student(base, deltas, vocab, device, dtype)
+    student = build_student(base, deltas, vocab, device, dtype, model_dtype)
     tuning: dict = {}
     if tune_steps:
         tuning = tune_step_sizes(student, base, deltas, calib_seqs, calib_lp, tune_steps,

@@ -25,10 +25,11 @@ def module_name(tensor_name: str) -> str:
 def build_student(
     base: Checkpoint, deltas: dict[str, CompressedDelta], vocab_size: int, device: str = "cpu",
     weight_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """The base model with every delta applied, each weight rounded to `weight_dtype` (the
-    expert's own dtype: exactly what materialization writes) and computed in float32."""
-    model = base.load_model(torch.float32, device)
+    expert's own dtype: exactly what materialization writes), run in `compute_dtype`."""
+    model = base.load_model(compute_dtype, device)
     if model.get_input_embeddings().weight.shape[0] != vocab_size:
         model.resize_token_embeddings(vocab_size)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -36,7 +37,7 @@ def build_student(
         for name, d in deltas.items():
             if name not in params:
                 raise KeyError(f"the model has no parameter {name}")
-            w = apply_delta(base.get_for(name), d, weight_dtype).float()
+            w = apply_delta(base.get_for(name), d, weight_dtype).to(compute_dtype)
             params[name].data.copy_(w.to(device))
     return model
 
@@ -45,13 +46,15 @@ class TunableDeltaLinear(nn.Module):
     """y = x (W_base + delta(scale, offset))^T + b, with only scale and offset trainable.
 
     Step sizes are learned as scale = scale0 * scale_mult and offset = offset0 + scale0 *
-    offset_shift, so both parameters start at (1, 0) and are of order one for the optimiser."""
+    offset_shift, so both parameters start at (1, 0) and are of order one for the optimiser.
+    The base weight is kept in the model's dtype; the weight is assembled in float32 and cast
+    to the input's dtype for the matmul."""
 
     def __init__(self, linear: nn.Linear, base_weight: torch.Tensor, qd: QuantizedDelta):
         super().__init__()
         self.bias = linear.bias
         dev = linear.weight.device
-        self.register_buffer("base_weight", base_weight.float().to(dev), persistent=False)
+        self.register_buffer("base_weight", base_weight.to(device=dev, dtype=linear.weight.dtype), persistent=False)
         self.register_buffer("codes", qd.codes().to(dev), persistent=False)
         self.register_buffer("cols", qd.quantized_columns().to(dev), persistent=False)
         self.register_buffer("salient_idx", qd.salient_idx.long().to(dev), persistent=False)
@@ -81,7 +84,7 @@ class TunableDeltaLinear(nn.Module):
         return d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.base_weight + self.delta(), self.bias)
+        return F.linear(x, (self.base_weight.float() + self.delta()).to(x.dtype), self.bias)
 
 
 def _kl_to_teacher(logits: torch.Tensor, teacher_lp: torch.Tensor) -> torch.Tensor:
@@ -156,8 +159,11 @@ def tune_step_sizes(
             d = deltas[name]
             assert isinstance(d, QuantizedDelta)
             d.params = w.current_params()
-            linear = nn.Linear(w.base_weight.shape[1], w.base_weight.shape[0], bias=w.bias is not None)
-            linear.weight = nn.Parameter(apply_delta(w.base_weight.cpu(), d, weight_dtype).float().to(device), requires_grad=False)
+            # A shell on the meta device (no random init), then the rebuilt weight from the
+            # checkpoint's own base tensor, exactly as build_student and materialize make it.
+            linear = nn.Linear(w.base_weight.shape[1], w.base_weight.shape[0], bias=w.bias is not None, device="meta")
+            rebuilt = apply_delta(base.get_for(name), d, weight_dtype).to(device=device, dtype=w.base_weight.dtype)
+            linear.weight = nn.Parameter(rebuilt, requires_grad=False)
             if w.bias is not None:
                 linear.bias = w.bias
             parent_name, _, child = mname.rpartition(".")
