@@ -38,11 +38,7 @@ class CompressedExpert:
     dtype: torch.dtype
     quality: dict = field(default_factory=dict)
     tuning: dict = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def effective_bits(self) -> float:
-        return 8 * self.nbytes / self.num_parameters
+    seconds: float = 0.0  # nbytes counts tensor payloads; the bundle counts the file on disk
 
 
 def _extra_rows(expert_t: torch.Tensor, base_rows: int, lossless: bool) -> torch.Tensor | None:
