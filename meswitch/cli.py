@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from .bundle.format import Bundle, BundleError, check_expert_name  # noqa: E402
 from .checkpoints import DTYPES, Checkpoint, CheckpointError, check_compatible, fingerprint  # noqa: E402
 from .compression.calibration import CalibrationError, load_samples  # noqa: E402
-from .compression.methods import METHODS, CompressionSpec  # noqa: E402
+from .compression.methods import METHODS, CompressionSpec, check_salient  # noqa: E402
 
 USER_ERRORS = (BundleError, CheckpointError, CalibrationError, ValueError, FileNotFoundError)
 
@@ -42,9 +42,10 @@ def _parse_salient(v: str) -> float:
         x = float(v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--salient expects a count or a fraction, got {v!r}") from None
-    if x < 0 or (x >= 1 and x != int(x)):
-        raise argparse.ArgumentTypeError(f"--salient must be an integer count >= 1 or a fraction in [0, 1), got {v}")
-    return x
+    try:
+        return check_salient(x)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _int_at_least(minimum: int):

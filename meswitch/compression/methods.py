@@ -22,6 +22,13 @@ METHODS = ("mixed", "rtn", "bitdelta", "fp16")
 VALUE_DTYPE = torch.float16
 
 
+def check_salient(salient: float) -> float:
+    """A salient-channel setting is a count (integer >= 1) or a fraction in [0, 1)."""
+    if salient < 0 or (salient >= 1 and salient != int(salient)):
+        raise ValueError(f"--salient must be a count (integer >= 1) or a fraction in [0, 1), got {salient}")
+    return salient
+
+
 @dataclass
 class CompressionSpec:
     method: str = "mixed"
@@ -36,8 +43,7 @@ class CompressionSpec:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.method in ("mixed", "rtn") and self.bits not in SUPPORTED_BITS:
             raise ValueError(f"--bits must be one of {SUPPORTED_BITS}, got {self.bits}")
-        if self.salient < 0 or (self.salient >= 1 and self.salient != int(self.salient)):
-            raise ValueError(f"--salient must be a count (integer >= 1) or a fraction in [0, 1), got {self.salient}")
+        check_salient(self.salient)
         if self.group_size < 0:
             raise ValueError(f"--group-size must be >= 0, got {self.group_size}")
         return self
