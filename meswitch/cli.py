@@ -231,7 +231,7 @@ def cmd_materialize(args) -> int:
     bundle.entry(args.name)
     base_path = args.base or bundle.manifest["base"]["reference"]
     base = Checkpoint.open(base_path)
-    out = materialize(bundle, args.name, base, args.out)
+    out = materialize(bundle, args.name, base, args.out, dtype=DTYPES[args.dtype] if args.dtype else None)
     log(f"wrote {out}")
     return 0
 
@@ -284,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("name")
     m.add_argument("--out", required=True)
     m.add_argument("--base", help="base checkpoint (default: the reference recorded in the bundle)")
+    m.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the expert's own)")
     m.set_defaults(func=cmd_materialize)
 
     v = sub.add_parser("convert", help="convert a GGUF model to a Hugging Face safetensors directory")

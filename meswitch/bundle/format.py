@@ -191,27 +191,30 @@ class Bundle:
     def stage_expert(self, name: str, deltas: dict[str, CompressedDelta], save_aux) -> dict:
         """Write an expert's files under temporary names. Returns the staging record that
         commit() turns into a manifest entry; nothing visible changes before commit()."""
-        check_expert_name(name)
-        experts_dir = self.path / "experts"
-        experts_dir.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         layout: dict[str, dict] = {}
         for tname, d in deltas.items():
             ts, meta = d.to_tensors(tname)
             tensors.update({k: v.contiguous() for k, v in ts.items()})
             layout[tname] = meta
+        metadata = {
+            "format": DELTA_FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "expert": name,
+            "base_fingerprint": self.base_fingerprint,
+            "tensors": json.dumps(layout, separators=(",", ":")),
+        }
+        return self.stage_raw(name, tensors, metadata, save_aux)
+
+    def stage_raw(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], save_aux) -> dict:
+        """stage_expert for tensors already in file form (an expert copied from another bundle)."""
+        check_expert_name(name)
+        if metadata.get("base_fingerprint") != self.base_fingerprint:
+            raise BundleError(f"expert {name!r} was computed against another base than bundle {self.path}'s")
+        experts_dir = self.path / "experts"
+        experts_dir.mkdir(parents=True, exist_ok=True)
         weights_tmp = experts_dir / f".{name}.safetensors.tmp"
-        save_safetensors(
-            tensors,
-            weights_tmp,
-            metadata={
-                "format": DELTA_FORMAT,
-                "format_version": str(FORMAT_VERSION),
-                "expert": name,
-                "base_fingerprint": self.base_fingerprint,
-                "tensors": json.dumps(layout, separators=(",", ":")),
-            },
-        )
+        save_safetensors(tensors, weights_tmp, metadata=metadata)
         aux_tmp = experts_dir / f".{name}.aux.tmp"
         shutil.rmtree(aux_tmp, ignore_errors=True)
         save_aux(aux_tmp)
@@ -220,6 +223,14 @@ class Bundle:
             files[f"experts/{name}/{p.name}"] = sha256_file(p)
         return {"name": name, "weights_tmp": weights_tmp, "aux_tmp": aux_tmp, "files": files,
                 "bytes": weights_tmp.stat().st_size}
+
+    def remove_expert(self, name: str) -> None:
+        """Delete an expert: the manifest first (atomically), then its files."""
+        entry = self.entry(name)
+        del self.experts[name]
+        _atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
+        (self.path / entry["weights"]).unlink(missing_ok=True)
+        shutil.rmtree(self.path / entry["aux_dir"], ignore_errors=True)
 
     def commit(self, staged: list[tuple[dict, dict]]) -> None:
         """Move staged files into place and write the manifest (entries from `staged`)."""

@@ -25,12 +25,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def materialize(bundle: Bundle, name: str, base: Checkpoint, out: str | Path, progress: bool = True,
-                base_fingerprint: str | None = None) -> Path:
+                base_fingerprint: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write W_base + delta of every tensor as a Hugging Face checkpoint, in the expert's own dtype
+    (recorded in the manifest) unless `dtype` asks for another (float32 keeps the sum unrounded)."""
     entry = bundle.entry(name)
     fp = base_fingerprint or fingerprint(base, progress)
     bundle.check_base_fingerprint(fp, base.reference)
     deltas = bundle.load_deltas(name)
-    dtype = DTYPES.get(entry.get("dtype", "bfloat16"))
+    dtype = dtype or DTYPES.get(entry.get("dtype", "bfloat16"))
     if dtype is None:
         raise BundleError(f"expert {name!r}: unknown dtype {entry.get('dtype')!r} in manifest")
 
@@ -76,6 +78,11 @@ def materialize(bundle: Bundle, name: str, base: Checkpoint, out: str | Path, pr
     for f in aux.iterdir():
         if f.is_file():
             shutil.copy2(f, tmp / f.name)
+    config = json.loads((tmp / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = dtype_name(dtype)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
