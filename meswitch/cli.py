@@ -16,7 +16,7 @@ from .checkpoints import DTYPES, Checkpoint, CheckpointError, check_compatible, 
 from .compression.calibration import CalibrationError, load_samples  # noqa: E402
 from .compression.methods import METHODS, CompressionSpec, check_salient  # noqa: E402
 
-USER_ERRORS = (BundleError, CheckpointError, CalibrationError, ValueError, FileNotFoundError)
+USER_ERRORS = (BundleError, CheckpointError, CalibrationError, ValueError, FileNotFoundError, RuntimeError)
 
 
 class UsageError(ValueError):
@@ -246,7 +246,7 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meswitch", description="Compress, inspect and materialize expert bundles.")
+    p = argparse.ArgumentParser(prog="meswitch", description="Compress experts into bundles, inspect and materialize them, and serve them.")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -292,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", required=True)
     v.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     v.set_defaults(func=cmd_convert)
+
+    from .runtime.cli import add_parser as add_generate_parser
+
+    add_generate_parser(sub)
     return p
 
 

@@ -100,8 +100,8 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
         n = batch.decode_idx.numel()
         length = int(batch.decode_lens.max())
         q = query[0].index_select(1, batch.decode_idx).transpose(0, 1).unsqueeze(2)  # [n, heads, 1, d]
-        k = k_cache.index_select(0, batch.decode_slots)[:, :, :length]
-        v = v_cache.index_select(0, batch.decode_slots)[:, :, :length]
+        k = k_cache[:, :, :length].index_select(0, batch.decode_slots)
+        v = v_cache[:, :, :length].index_select(0, batch.decode_slots)
         mask = (torch.arange(length).unsqueeze(0) < batch.decode_lens.unsqueeze(1)).view(n, 1, 1, length)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         out[batch.decode_idx] = o.squeeze(2)

@@ -41,22 +41,22 @@ def _nbytes(*ts: torch.Tensor | None) -> int:
 
 @dataclass
 class Int4Ready:
-    """The quantized columns' codes, in their stored (compact) order and padded to a multiple of
-    32 columns, in the int4 kernel's layout. The input is gathered into the same order on the
-    fly (`columns`), and the salient fp16 columns are a small dense product on the side:
-        x @ delta^T = int4mm(x[:, columns] padded) + x[:, salient_idx] @ salient^T"""
-    weight: torch.Tensor  # uint8, aten int4pack layout of codes [out, n_padded]
-    scales_zeros: torch.Tensor  # [n_padded / group, out, 2]: w = (code - 8) * scale + zero
+    """Codes at their original column positions (salient columns hold code 0, the matrix is
+    zero-padded to a multiple of 32 columns) in the int4 kernel's layout. `salient_fix` is each
+    salient value minus what code 0 decodes to there, so that
+        x @ delta^T = int4mm(x) + x[:, salient_idx] @ salient_fix^T."""
+    weight: torch.Tensor  # uint8, aten int4pack layout of codes [out, in_padded]
+    scales_zeros: torch.Tensor  # [in_padded / group, out, 2]: w = (code - 8) * scale + zero
     group_size: int
-    columns: torch.Tensor | None  # int64 [n_quantized]: input columns in code order (None: all, in order)
-    n_padded: int
+    in_features: int
+    in_padded: int
     salient_idx: torch.Tensor  # int64 [k]
-    salient: torch.Tensor  # model dtype [out, k]
+    salient_fix: torch.Tensor  # [k, out] float32: oneDNN's bf16 GEMM is 2-3x slower than fp32 at k ~ 15
     source: QuantizedDelta  # the packed form, kept for the dense (prefill) route
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.weight, self.scales_zeros, self.columns, self.salient_idx, self.salient)
+        return _nbytes(self.weight, self.scales_zeros, self.salient_idx, self.salient_fix)
 
 
 @dataclass
@@ -98,35 +98,45 @@ class TorchBackend:
         if isinstance(delta, QuantizedDelta) and self._int4_ok(delta, dtype):
             padded, group = _int4_geometry(delta)
             k = delta.salient_idx.numel()
-            return (out * padded // 2 + (padded // group) * out * 2 * dtype.itemsize
-                    + k * (8 + out * dtype.itemsize) + (8 * delta.n_quantized_cols if k else 0))
+            return out * padded // 2 + (padded // group) * out * 2 * dtype.itemsize + k * (8 + out * 4)
         return out * cols * dtype.itemsize
 
     def _int4_ok(self, d: QuantizedDelta, dtype: torch.dtype) -> bool:
         if not self.use_int4 or dtype != torch.bfloat16 or d.bits > 4:
             return False
-        out, cols = d.shape
-        if out % INT4_ROW_BLOCK:
+        if d.shape[0] % INT4_ROW_BLOCK:
             return False
         if d.params.scale.shape[1] == 1:
             return True
-        # Per-group step sizes map onto the kernel's groups when the group size is one it supports
-        # and the (padded) code rows split into whole groups.
-        return d.params.group_size in INT4_GROUP_SIZES and d.n_quantized_cols % d.params.group_size == 0
+        # Per-group step sizes map onto the kernel's groups when they cover whole blocks of the
+        # original columns: no salient columns taken out, a group size the kernel supports.
+        cols = d.shape[1]
+        return (d.salient_idx.numel() == 0 and d.params.group_size in INT4_GROUP_SIZES
+                and cols % d.params.group_size == 0)
 
     def _prepare_int4(self, d: QuantizedDelta, dtype: torch.dtype) -> Int4Ready:
-        out = d.shape[0]
+        out, cols = d.shape
         padded, group = _int4_geometry(d)
         scale = d.params.scale.float().expand(out, -1)
         offset = d.params.offset.float().expand(out, -1)
         if scale.shape[1] == 1:
             scale, offset = scale.expand(out, padded // group), offset.expand(out, padded // group)
-        # The kernel decodes (code - 8) * scale + zero; ours is code * scale + offset.
-        scales_zeros = torch.stack([scale, offset + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(dtype)
-        weight = int4_layout(d, padded)
+        # The kernel decodes (kcode - 8) * scale + zero; ours is code * scale + offset. Codes are
+        # stored shifted, kcode = code + 8 - c with c = 2**(bits-1), so that zero = offset + c * scale
+        # is near 0 for a centred delta and its bf16 rounding error stays small: that error is the
+        # same for every column of a row, so it adds up coherently over the whole input.
+        c = 1 << (d.bits - 1)
+        scales_zeros = torch.stack([scale, offset + c * scale], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        weight = int4_layout(d, padded, shift=8 - c)
         sal = d.salient_idx.long()
-        columns = None if sal.numel() == 0 else d.quantized_columns()
-        return Int4Ready(weight, scales_zeros, group, columns, padded, sal, d.salient_values.to(dtype), d)
+        if sal.numel():
+            # What code 0 decodes to in the kernel's own (rounded) arithmetic, per row.
+            sz = scales_zeros.float()
+            zero_value = (-8 * sz[0, :, 0] + sz[0, :, 1]).unsqueeze(1)
+            fix = (d.salient_values.float() - zero_value).t().contiguous()
+        else:
+            fix = torch.zeros(0, out)
+        return Int4Ready(weight, scales_zeros, group, cols, padded, sal, fix, d)
 
     # ----- compute -----------------------------------------------------------------------------
     def matmul(self, x: torch.Tensor, ready: ReadyDelta) -> torch.Tensor:
@@ -135,12 +145,10 @@ class TorchBackend:
             return F.linear(x, ready.weight)
         if x.shape[0] >= DENSE_MIN_TOKENS:
             return F.linear(x, ready.source.dequantize().to(x.dtype))
-        xq = x if ready.columns is None else x.index_select(-1, ready.columns)
-        if xq.shape[-1] != ready.n_padded:
-            xq = F.pad(xq, (0, ready.n_padded - xq.shape[-1]))
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xq.contiguous(), ready.weight, ready.group_size, ready.scales_zeros)
+        xp = x if ready.in_padded == ready.in_features else F.pad(x, (0, ready.in_padded - ready.in_features))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xp.contiguous(), ready.weight, ready.group_size, ready.scales_zeros)
         if ready.salient_idx.numel():
-            y = y + F.linear(x.index_select(-1, ready.salient_idx), ready.salient)
+            y.add_(torch.mm(x.index_select(-1, ready.salient_idx).float(), ready.salient_fix))
         return y
 
     def gather_rows(self, delta: CompressedDelta, ids: torch.Tensor) -> torch.Tensor:
@@ -151,23 +159,32 @@ class TorchBackend:
 
 
 def _int4_geometry(d: QuantizedDelta) -> tuple[int, int]:
-    """(columns of the int4 matrix, kernel group size) for a delta's quantized columns."""
-    padded = max(INT4_ROW_BLOCK, -(-d.n_quantized_cols // INT4_ROW_BLOCK) * INT4_ROW_BLOCK)
+    """(columns of the int4 matrix, kernel group size)."""
+    padded = -(-d.shape[1] // INT4_ROW_BLOCK) * INT4_ROW_BLOCK
     if d.params.scale.shape[1] > 1:
         return padded, d.params.group_size
     return padded, next(g for g in INT4_GROUP_SIZES if padded % g == 0)
 
 
-def int4_layout(d: QuantizedDelta, padded: int) -> torch.Tensor:
-    """The codes of `d` (compact order, zero-padded to `padded` columns) in the packed layout of
-    aten._weight_int4pack_mm_for_cpu. For row counts divisible by 64 the layout is built with
-    numpy (rows 64b+j and 64b+32+j share a byte per column, blocks stored column-major), which
-    is several times faster than aten._convert_weight_to_int4pack_for_cpu on int32 codes; the
-    tests check both agree. Other row counts use the aten conversion."""
-    out = d.shape[0]
-    codes = d.codes().numpy()
-    if codes.shape[1] != padded:
-        codes = np.pad(codes, ((0, 0), (0, padded - codes.shape[1])))
+def int4_layout(d: QuantizedDelta, padded: int, shift: int = 0) -> torch.Tensor:
+    """The codes of `d` (+ shift) at their original columns (0 in salient and padding columns) in the
+    packed layout of aten._weight_int4pack_mm_for_cpu. For row counts divisible by 64 the layout
+    is built with numpy (rows 64b+j and 64b+32+j share a byte per column, blocks stored
+    column-major), several times faster than aten._convert_weight_to_int4pack_for_cpu on int32
+    codes; the tests check that both agree. Other row counts use the aten conversion."""
+    out, cols = d.shape
+    compact = d.codes().numpy()
+    if shift:
+        compact = compact + np.uint8(shift)
+    parts, prev = [], 0
+    # Salient columns go back in as zero columns: slices and one concatenate (fast in numpy).
+    for j, pos in enumerate(d.salient_idx.tolist()):
+        parts += [compact[:, prev: pos - j], np.zeros((out, 1), dtype=np.uint8)]
+        prev = pos - j
+    parts.append(compact[:, prev:])
+    if padded > cols:
+        parts.append(np.zeros((out, padded - cols), dtype=np.uint8))
+    codes = np.concatenate(parts, axis=1) if len(parts) > 1 else compact
     if out % 64:
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes).to(torch.int32), 1)
     return torch.from_numpy(int4_layout_from_codes(codes))

@@ -1,0 +1,416 @@
+"""The runtime: delta layers, the int4 backend, the expert store and the continuous-batching engine.
+
+Reference for exactness: the same compressed expert written out by `materialize` and run by
+plain transformers. In float32 the runtime and the materialized model compute the same sums in
+another order, so logits agree to ~1e-5 and greedy tokens are identical. In bfloat16 the
+materialized model rounds W_base + delta to bf16 while the runtime keeps base and delta apart,
+so logits agree only to bf16 rounding (tolerance below).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import CORPUS, derive_expert, random_model, save_checkpoint
+from transformers import AutoModelForCausalLM
+
+from meswitch.bundle.format import Bundle
+from meswitch.cli import main
+from meswitch.compression.packing import pack_codes, unpack_codes, unpack_codes_reference
+from meswitch.runtime import MemoryBudgetError, QueueFullError, RequestError, Switch, parse_memory
+from meswitch.runtime.attention import KVCache, RaggedBatch
+from meswitch.runtime.backend import TorchBackend, int4_layout_from_codes
+
+FP32_LOGIT_TOL = 1e-4  # float32: same math, other summation order
+BF16_LOGIT_TOL = 0.15  # bfloat16: the materialized reference rounds W + delta to 8 mantissa bits
+PROMPTS = ["Tom has 12 apples", "def add(a, b):", "The quick brown fox", "Write a Python function"]
+
+
+def lively(model, factor: float = 8.0):
+    """Scale a random model's matrices so greedy decoding wanders instead of repeating one token."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(factor)
+    return model
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory, tokenizer):
+    """A tiny bundle (experts math, code) over a lively base, plus float32 materialized experts."""
+    d = tmp_path_factory.mktemp("rt")
+    base = lively(random_model("llama", tied=True, seed=0))
+    save_checkpoint(base, tokenizer, d / "base")
+    for name, seed in (("math", 1), ("code", 2)):
+        save_checkpoint(derive_expert(base, seed=seed, scale=0.05), tokenizer, d / name)
+    calib = d / "calib.txt"
+    calib.write_text("\n".join(CORPUS) + "\n")
+    assert main(["compress", "--base", str(d / "base"), "--expert", f"math={d / 'math'}",
+                 "--expert", f"code={d / 'code'}", "--out", str(d / "bundle"), "--calib", str(calib),
+                 "--description", "math=arithmetic"]) == 0
+    for name in ("math", "code"):
+        assert main(["materialize", str(d / "bundle"), name, "--out", str(d / f"mat_{name}"), "--dtype", "float32"]) == 0
+    return d
+
+
+@pytest.fixture(scope="module")
+def sw32(rt):
+    with Switch.load(rt / "bundle", dtype="float32") as sw:
+        yield sw
+
+
+def reference(rt, name):
+    path = rt / ("base" if name is None else f"mat_{name}")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+# ----- packing and the int4 backend ---------------------------------------------------------------
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_fast_unpacking_matches_the_bitstream_definition(bits):
+    g = torch.Generator().manual_seed(bits)
+    for cols in (1, 7, 9, 64, 571):
+        codes = torch.randint(0, 1 << bits, (5, cols), generator=g, dtype=torch.uint8)
+        packed = pack_codes(codes, bits)
+        assert torch.equal(unpack_codes(packed, bits, cols), unpack_codes_reference(packed, bits, cols))
+        assert torch.equal(unpack_codes(packed, bits, cols), codes)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (128, 96), (1536, 576)])
+def test_numpy_int4_layout_is_the_aten_layout(shape):
+    codes = torch.randint(0, 16, shape, dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert np.array_equal(int4_layout_from_codes(codes.to(torch.uint8).numpy()), ref.numpy())
+
+
+@pytest.mark.parametrize("bits,salient,group", [(2, 5, 0), (1, 0, 0), (3, 3, 0), (4, 0, 32), (2, 0, 64), (8, 2, 0)])
+@pytest.mark.parametrize("rows", [64, 96, 40])
+def test_backend_matmul_equals_the_dequantized_delta(bits, salient, group, rows):
+    from meswitch.compression.methods import CompressionSpec, compress_matrix
+
+    g = torch.Generator().manual_seed(rows + bits)
+    delta = torch.randn(rows, 128, generator=g) * 0.01
+    spec = CompressionSpec(method="mixed" if salient else "rtn", bits=bits, salient=salient, group_size=group).validate()
+    d = compress_matrix(delta, spec, torch.rand(128, generator=g) + 0.1)
+    be = TorchBackend()
+    want_int4 = bits <= 4 and rows % 32 == 0 and (group == 0 or salient == 0)
+    ready = be.prepare(d, torch.bfloat16)
+    assert (type(ready).__name__ == "Int4Ready") == want_int4
+    assert be.ready_nbytes(d, torch.bfloat16) == ready.nbytes
+    for tokens in (1, 3, 200):  # 200: the dequantize-then-GEMM route
+        x = torch.randn(tokens, 128, generator=g).to(torch.bfloat16)
+        want = x.float() @ d.dequantize().t()
+        got = be.matmul(x, ready).float()
+        assert (got - want).abs().max() <= 0.02 * want.abs().max() + 1e-4
+    assert torch.equal(be.gather_rows(d, torch.tensor([3, 0])), d.dequantize()[[3, 0]])
+
+
+# ----- exactness of the delta layers -------------------------------------------------------------
+def ragged_logits(sw, requests):
+    """Run one forward pass of the switch's model over several (expert, ids) at once; returns the
+    logits of every position of every request."""
+    eng = sw.engine
+    hots = [None if e is None else sw.store.try_acquire(e) for e, _ in requests]
+    order = sorted(range(len(requests)), key=lambda i: ("" if requests[i][0] is None else "~" + requests[i][0], i))
+    ids, segs, pos = [], [], 0
+    for i in order:
+        toks = requests[i][1]
+        if hots[i] is not None:
+            segs.append((hots[i], pos, pos + len(toks)))
+        ids.extend(toks)
+        pos += len(toks)
+    cache = KVCache(sw.model.config.num_hidden_layers, len(requests), sw.model.config.num_key_value_heads,
+                    sw.model.config.hidden_size // sw.model.config.num_attention_heads, sw.dtype, 256)
+    batch = RaggedBatch.build(cache, [(i, 0, len(requests[i][1])) for i in order])
+    eng.ctx.set(segs, len(ids), segs)
+    try:
+        with torch.inference_mode():
+            logits = sw.model(input_ids=torch.tensor([ids]), position_ids=batch.positions.unsqueeze(0),
+                              use_cache=False, meswitch_batch=batch).logits[0]
+    finally:
+        eng.ctx.clear()
+        for (e, _), h in zip(requests, hots):
+            if h is not None:
+                sw.store.release(e)
+    out, pos = {}, 0
+    for i in order:
+        n = len(requests[i][1])
+        out[i] = logits[pos:pos + n].float()
+        pos += n
+    return [out[i] for i in range(len(requests))]
+
+
+def test_mixed_forward_matches_each_materialized_expert_float32(rt, sw32):
+    reqs = [(e, sw32.encode(p, e)) for e, p in zip(["math", "code", None, "math"], PROMPTS)]
+    got = ragged_logits(sw32, reqs)
+    for (expert, ids), logits in zip(reqs, got):
+        want = reference(rt, expert)(input_ids=torch.tensor([ids])).logits[0]
+        assert (logits - want).abs().max() < FP32_LOGIT_TOL, expert
+    # the experts really differ from the base, so the comparison could fail
+    ids = reqs[0][1]
+    base_logits = reference(rt, None)(input_ids=torch.tensor([ids])).logits[0]
+    assert (got[0] - base_logits).abs().max() > 1000 * FP32_LOGIT_TOL
+
+
+def test_bfloat16_forward_is_within_rounding_of_the_materialized_expert(rt):
+    with Switch.load(rt / "bundle", dtype="bfloat16") as sw:
+        assert type(next(iter(sw.store.try_acquire("math").linear.values()))).__name__ == "Int4Ready"
+        sw.store.release("math")
+        reqs = [(e, sw.encode(p, e)) for e, p in zip(["math", "code"], PROMPTS)]
+        for (expert, ids), logits in zip(reqs, ragged_logits(sw, reqs)):
+            want = reference(rt, expert)(input_ids=torch.tensor([ids])).logits[0]
+            other = reference(rt, "code" if expert == "math" else "math")(input_ids=torch.tensor([ids])).logits[0]
+            err = (logits - want).abs().max()
+            assert err < BF16_LOGIT_TOL * want.abs().max()
+            assert err < (other - want).abs().max()  # closer to its own expert than to the other one
+
+
+def test_greedy_generation_equals_transformers_on_the_materialized_expert(rt, sw32):
+    for expert in ("math", "code", None):
+        ref = reference(rt, expert)
+        for prompt in PROMPTS[:2]:
+            ids = sw32.encode(prompt, expert)
+            want = hf_greedy(ref, ids, 16)
+            assert len(set(want)) > 3  # a wandering sequence, not one repeated token
+            got = sw32.generate(prompt, expert=expert, temperature=0, max_tokens=16)
+            assert got.token_ids == want and got.finish_reason == "length"
+            assert got.text == sw32.tokenizer(expert).decode(want, skip_special_tokens=True)
+
+
+def test_a_mixed_batch_gives_each_request_what_it_gets_alone(sw32):
+    experts = ["math", "code", None, "code", "math", None, "math", "code"]
+    prompts = [PROMPTS[i % 4] for i in range(8)]
+    alone = [sw32.generate(p, expert=e, temperature=0, max_tokens=12).token_ids for p, e in zip(prompts, experts)]
+    together = sw32.generate(prompts, expert=experts, temperature=0, max_tokens=12)
+    assert [c.token_ids for c in together] == alone
+    assert len({tuple(a) for a in alone}) > 3
+
+
+def test_requests_joining_mid_flight_and_chunked_prefill(rt):
+    with Switch.load(rt / "bundle", dtype="float32", start=False, max_step_tokens=4) as sw:
+        a = sw.submit(PROMPTS[0], "math", temperature=0, max_tokens=20)
+        for _ in range(8):
+            sw.engine.step()
+        assert 0 < len(a.output_ids) < 20  # a is decoding ...
+        b = sw.submit(PROMPTS[1], "code", temperature=0, max_tokens=10)  # ... when b arrives
+        sw.engine.step()
+        # one step holds 4 tokens: a's next token and the first 3 of b's prompt, which is prefilled in chunks
+        assert b.cursor == 3 and len(b.prompt_ids) > 6
+        while not (a.done and b.done):
+            sw.engine.step()
+    with Switch.load(rt / "bundle", dtype="float32") as ref:
+        assert a.result.token_ids == ref.generate(PROMPTS[0], expert="math", temperature=0, max_tokens=20).token_ids
+        assert b.result.token_ids == ref.generate(PROMPTS[1], expert="code", temperature=0, max_tokens=10).token_ids
+
+
+def test_other_families_biases_and_untied_heads(tmp_path, tokenizer):
+    for family in ("qwen2", "mistral"):
+        d = tmp_path / family
+        base = lively(random_model(family, tied=False, seed=5))
+        save_checkpoint(base, tokenizer, d / "base")
+        save_checkpoint(derive_expert(base, seed=6, scale=0.05), tokenizer, d / "e")
+        assert main(["compress", "--base", str(d / "base"), "--expert", f"e={d / 'e'}", "--out", str(d / "b")]) == 0
+        assert main(["materialize", str(d / "b"), "e", "--out", str(d / "m"), "--dtype", "float32"]) == 0
+        with Switch.load(d / "b", dtype="float32") as sw:
+            ids = sw.encode(PROMPTS[0], "e")
+            (got,) = ragged_logits(sw, [("e", ids)])
+        want = AutoModelForCausalLM.from_pretrained(d / "m", dtype=torch.float32)(input_ids=torch.tensor([ids])).logits[0]
+        assert (got - want).abs().max() < FP32_LOGIT_TOL, family
+
+
+def test_an_expert_with_added_tokens(tmp_path, tokenizer):
+    base = lively(random_model(seed=21))
+    save_checkpoint(base, tokenizer, tmp_path / "base")
+    expert = derive_expert(base, seed=22, scale=0.05)
+    expert.resize_token_embeddings(base.config.vocab_size + 32)
+    with torch.no_grad():
+        expert.get_input_embeddings().weight[-32:] = torch.randn(32, 64) * 2
+    save_checkpoint(expert, tokenizer, tmp_path / "e")
+    assert main(["compress", "--base", str(tmp_path / "base"), "--expert", f"big={tmp_path / 'e'}",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert main(["materialize", str(tmp_path / "b"), "big", "--out", str(tmp_path / "m"), "--dtype", "float32"]) == 0
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    with Switch.load(tmp_path / "b", dtype="float32") as sw:
+        ids = [5, 17, base.config.vocab_size + 3, 40]  # includes a token only this expert has
+        (got,) = ragged_logits(sw, [("big", ids)])
+        want = ref(input_ids=torch.tensor([ids])).logits[0]
+        assert got.shape == want.shape and (got - want).abs().max() < FP32_LOGIT_TOL
+        with pytest.raises(ValueError, match="outside"):
+            ragged_logits(sw, [(None, ids)])  # the base does not know that token
+
+
+# ----- the engine ----------------------------------------------------------------------------------
+def test_cancellation_frees_the_slot(rt):
+    with Switch.load(rt / "bundle", dtype="float32", max_batch=1) as sw:
+        first = sw.submit(PROMPTS[0], "math", temperature=0, max_tokens=200)
+        second = sw.submit(PROMPTS[1], "code", temperature=0, max_tokens=3)
+        time.sleep(0.3)
+        assert not second.done  # the only slot is taken
+        first.cancel()
+        assert first.wait(30).finish_reason == "cancelled"
+        assert second.wait(30).finish_reason == "length"
+        assert sw.engine._free_slots == [0] and sw.stats()["requests_cancelled"] == 1
+
+
+def test_sampling_parameters_seed_stop_and_streaming(sw32):
+    a = sw32.generate(PROMPTS[2], expert="code", temperature=1.0, top_p=0.9, seed=7, max_tokens=12)
+    b = sw32.generate(PROMPTS[2], expert="code", temperature=1.0, top_p=0.9, seed=7, max_tokens=12)
+    c = sw32.generate(PROMPTS[2], expert="code", temperature=1.0, top_p=0.9, seed=8, max_tokens=12)
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+    full = sw32.generate(PROMPTS[0], expert="math", temperature=0, max_tokens=16)
+    stop = full.text[5:8]
+    cut = sw32.generate(PROMPTS[0], expert="math", temperature=0, max_tokens=16, stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+
+    async def collect():
+        pieces = []
+        async for item in sw32.stream(PROMPTS[0], expert="math", temperature=0, max_tokens=16):
+            pieces.append(item)
+        return pieces
+
+    pieces = asyncio.run(collect())
+    assert "".join(pieces[:-1]) == pieces[-1].text == full.text and len(pieces) > 3
+
+
+def test_bad_requests_give_clear_errors(sw32):
+    with pytest.raises(RequestError, match="unknown expert 'nope'.*code, math"):
+        sw32.generate("hi", expert="nope")
+    with pytest.raises(RequestError, match="empty"):
+        sw32.generate("", expert="math")
+    with pytest.raises(RequestError, match="context length"):
+        sw32.generate("apples " * 400, expert="math")
+    with pytest.raises(RequestError, match="temperature"):
+        sw32.generate("hi", expert="math", temperature=-1)
+    with pytest.raises(RequestError, match="max_tokens"):
+        sw32.generate("hi", expert="math", max_tokens=0)
+    with pytest.raises(RequestError, match="messages"):
+        sw32.generate([{"role": "user"}], expert="math")
+
+
+def test_bounded_queue(rt):
+    with Switch.load(rt / "bundle", dtype="float32", max_queue=2, start=False) as sw:
+        sw.submit("a", "math", max_tokens=1)
+        sw.submit("b", "math", max_tokens=1)
+        with pytest.raises(QueueFullError):
+            sw.submit("c", "math", max_tokens=1)
+
+
+def test_memory_budget_evicts_least_recently_used_experts(rt):
+    sizes = {}
+    for e in ("math", "code"):
+        with Switch.load(rt / "bundle", dtype="bfloat16") as probe:
+            probe.generate("x", expert=e, max_tokens=1)
+            sizes[e] = (probe.store.memory_bytes(), probe.store._packed_bytes[e])
+    one = max(total for total, _ in sizes.values())
+    packed = max(p for _, p in sizes.values())
+    # Room for one expert (packed + hot) and the other one's packed form: the hot forms take turns.
+    budget = one + packed + 64
+    with Switch.load(rt / "bundle", dtype="bfloat16", max_memory=budget) as sw:
+        peak = 0
+        for e in ["math", "code", "math", "code"]:
+            sw.generate(PROMPTS[0], expert=e, max_tokens=2)
+            peak = max(peak, sw.store.memory_bytes())
+        s = sw.stats()
+        assert peak <= budget
+        assert s["store_disk_loads"] == 2 and s["store_hot_evictions"] == 3 and s["store_packed_evictions"] == 0
+        assert s["residency"] == {"code": "hot", "math": "packed"}
+        # both experts in one batch cannot be hot together: served one after the other, correctly
+        outs = sw.generate(PROMPTS[:2], expert=["math", "code"], temperature=0, max_tokens=4)
+        assert all(o.finish_reason == "length" for o in outs)
+    # Room for one expert only: the other one is dropped to disk each time.
+    with Switch.load(rt / "bundle", dtype="bfloat16", max_memory=one + 64) as sw:
+        for e in ["math", "code", "math", "code"]:
+            sw.generate(PROMPTS[0], expert=e, max_tokens=2)
+            assert sw.store.memory_bytes() <= one + 64
+        s = sw.stats()
+        assert s["store_disk_loads"] == 4 and s["store_packed_evictions"] == 3
+        assert s["residency"] == {"code": "hot", "math": "disk"}
+    with Switch.load(rt / "bundle", dtype="bfloat16", max_memory=1000) as tiny:
+        out = tiny.generate("x", expert="math", max_tokens=1)
+        assert out.finish_reason == "error" and "memory budget" in out.error
+    assert parse_memory("2GiB") == 2 << 30 and parse_memory("500MB") == 500_000_000
+    with pytest.raises(ValueError):
+        parse_memory("lots")
+    assert MemoryBudgetError
+
+
+def test_loading_is_lazy_and_prefetched(rt):
+    with Switch.load(rt / "bundle", dtype="float32") as sw:
+        assert sw.stats()["residency"] == {"code": "disk", "math": "disk"}
+        sw.generate("x", expert="code", max_tokens=1)
+        assert sw.stats()["residency"] == {"code": "hot", "math": "disk"}
+        assert sw.stats()["store_prefetches"] == 1 and sw.stats()["store_misses"] == 1
+
+
+def test_experts_added_and_removed_at_run_time(rt, tmp_path, tokenizer):
+    other = tmp_path / "other"
+    assert main(["compress", "--base", str(rt / "base"), "--expert", f"poet={rt / 'code'}", "--out", str(other),
+                 "--bits", "3", "--description", "poet=poems"]) == 0
+    import shutil
+
+    shutil.copytree(rt / "bundle", tmp_path / "live")
+    with Switch.load(tmp_path / "live", dtype="float32") as sw:
+        before = sw.generate(PROMPTS[0], expert="math", temperature=0, max_tokens=4)
+        sw.add_expert("poet", other)
+        assert sw.experts == ["code", "math", "poet"] and sw.description("poet") == "poems"
+        assert sw.generate(PROMPTS[0], expert="poet", temperature=0, max_tokens=4).finish_reason == "length"
+        sw.remove_expert("math")
+        with pytest.raises(RequestError, match="unknown expert 'math'"):
+            sw.generate("x", expert="math")
+        assert sw.generate(PROMPTS[0], expert="code", max_tokens=2).finish_reason == "length"
+    b = Bundle.open(tmp_path / "live")
+    assert sorted(b.experts) == ["code", "poet"] and not (tmp_path / "live/experts/math.safetensors").exists()
+    b.verify_files("poet")
+    assert before.completion_tokens == 4
+    # a bundle built on another base is refused
+    base2 = random_model(seed=99)
+    save_checkpoint(base2, tokenizer, tmp_path / "base2")
+    save_checkpoint(derive_expert(base2, seed=3), tokenizer, tmp_path / "e2")
+    assert main(["compress", "--base", str(tmp_path / "base2"), "--expert", f"alien={tmp_path / 'e2'}",
+                 "--out", str(tmp_path / "alien")]) == 0
+    with Switch.load(tmp_path / "live", dtype="float32") as sw:
+        with pytest.raises(Exception, match="base"):
+            sw.add_expert("alien", tmp_path / "alien")
+        assert "alien" not in sw.experts
+
+
+def test_a_bundle_refuses_another_base(rt, tmp_path, tokenizer):
+    other = save_checkpoint(random_model(seed=42), tokenizer, tmp_path / "other")
+    with pytest.raises(Exception, match="base mismatch"):
+        Switch.load(rt / "bundle", base=other)
+
+
+def test_concurrent_clients_from_threads(sw32):
+    experts = ["math", "code", None] * 4
+    results = [None] * len(experts)
+
+    def client(i):
+        results[i] = sw32.generate(PROMPTS[i % 4], expert=experts[i], temperature=0, max_tokens=6).token_ids
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(experts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, e in enumerate(experts):
+        assert results[i] == sw32.generate(PROMPTS[i % 4], expert=e, temperature=0, max_tokens=6).token_ids
+
+
+def test_cli_generate(rt, capsys):
+    assert main(["generate", str(rt / "bundle"), "--expert", "math", "--prompt", PROMPTS[0],
+                 "--max-tokens", "5", "--dtype", "float32"]) == 0
+    out = capsys.readouterr()
+    assert "5 generated tokens, finish: length" in out.err and out.out.strip()
+    assert main(["generate", str(rt / "bundle"), "--expert", "nope", "--prompt", "x"]) == 1
+    assert "unknown expert 'nope'" in capsys.readouterr().err
+    m = json.loads((rt / "bundle/manifest.json").read_text())
+    assert set(m["experts"]) == {"math", "code"}
