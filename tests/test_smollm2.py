@@ -73,3 +73,29 @@ def test_smollm2_expert_compresses_and_materializes(smol):
     assert gen.shape[1] == ids.shape[1] + 8 or tok.eos_token_id in gen[0, ids.shape[1]:].tolist()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["base"]["num_parameters"] == 134515008
+
+
+def test_smollm2_runtime_generates_what_the_materialized_expert_generates(smol):
+    """The runtime's delta layers on the real model: float32 greedy tokens identical to plain
+    transformers on the float32-materialized expert, in a batch mixed with the plain base."""
+    from transformers import AutoModelForCausalLM
+
+    from meswitch.runtime import Switch
+
+    out = smol["dir"] / "bundle"
+    if not (out / "manifest.json").exists():
+        pytest.skip("needs the bundle of the previous test")
+    assert main(["materialize", str(out), "math", "--out", str(smol["dir"] / "m32"), "--dtype", "float32"]) == 0
+    ref = AutoModelForCausalLM.from_pretrained(smol["dir"] / "m32", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(smol["base"], dtype=torch.float32)
+    chat = [{"role": "user", "content": "Tom has 12 apples and buys 30 more. How many apples does he have?"}]
+    with Switch.load(out, dtype="float32") as sw:
+        ids = sw.encode(chat, "math")
+        want = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+        want_base = base.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+        got, got_base = sw.generate([chat, chat], expert=["math", None], temperature=0, max_tokens=12)
+        assert got.token_ids == want[: len(got.token_ids)] and len(got.token_ids) >= min(len(want), 12) - 1
+        assert got_base.token_ids == want_base[: len(got_base.token_ids)]
+    with Switch.load(out, dtype="bfloat16") as sw:  # the int4 kernel path
+        got16 = sw.generate(chat, expert="math", temperature=0, max_tokens=12)
+        assert got16.token_ids[:2] == want[:2] and got16.text

@@ -47,6 +47,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -335,7 +336,7 @@ class Engine:
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         self.stats["tokens_generated"] += 1
-        if token in req.eos_ids:
+        if token in req.eos_ids and not req.params.ignore_eos:
             self._finish(req, "stop")
             return
         req.output_ids.append(token)

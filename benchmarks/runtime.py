@@ -1,0 +1,396 @@
+"""Runtime benchmark on SmolLM2-135M: memory, cold switch and mixed-expert decode throughput.
+
+Needs the demo bundle (`make demo`: .cache/demo/base and .cache/demo/bundle with experts math
+and code). Experts beyond the two real ones are synthetic: a real expert's compressed file with
+its rows rotated (same sizes and statistics, different weights), for the memory and speed parts.
+
+1. Resident memory (RSS of a fresh process, minus the same process with nothing loaded) with
+   1, 4 and 16 experts, against N full 16-bit experts loaded the ordinary way
+   (AutoModelForCausalLM.from_pretrained), and against the size of base + N compressed deltas.
+2. Cold switch: disk -> servable (packed load + compute-ready form) for one compressed expert,
+   against loading the full expert checkpoint (from_pretrained; and safetensors.load_file +
+   load_state_dict into a resident model, the fastest way to swap full weights).
+3. Decode throughput of 8 concurrent requests spread over 1, 2, 4 and 8 experts, against the
+   bare base model in the same engine at the same batch size, and against swapping merged
+   expert weights into the model between groups of requests (each group served alone).
+4. Where the time goes: torch profiler over decode steps of 8 requests on 4 experts.
+
+    .venv/bin/python benchmarks/runtime.py [--workdir .cache/demo] [--threads 2] [--tokens 48]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHAT = [
+    "Tom has 12 apples and gives 5 to Anna. How many apples are left?",
+    "Write a Python function that reverses a string.",
+    "A train travels 60 km in 1.5 hours. What is its speed?",
+    "Explain what a hash map is in two sentences.",
+]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ----- bundles with synthetic experts ---------------------------------------------------------------
+def build_bundle(src: Path, out: Path, n: int) -> Path:
+    """A copy of the demo bundle with n experts: the real ones, then synthetic ones."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from meswitch.bundle.format import Bundle
+
+    if (out / "manifest.json").exists() and len(Bundle.open(out).experts) == n:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src, out)
+    b = Bundle.open(out)
+    real = sorted(b.experts)
+    for name in real[n:]:
+        b.remove_expert(name)
+    i = 0
+    while len(b.experts) < n:
+        donor = real[i % len(real)]
+        f = src / b.experts[donor]["weights"]
+        tensors = load_file(f)
+        with safe_open(f, framework="pt") as sf:
+            meta = dict(sf.metadata())
+        shift = 1 + i
+        # Rotate every per-row tensor of a matrix together (codes, step sizes, offsets, salient
+        # values): a different expert with the same statistics and sizes.
+        rolled = {k: (torch.roll(v, shift, 0) if v.dim() == 2 and v.shape[0] > 1 else v) for k, v in tensors.items()}
+        name = f"synth{i:02d}"
+        meta["expert"] = name
+        staged = b.stage_raw(name, rolled, meta, lambda d, donor=donor: shutil.copytree(b.aux_dir(donor), d))
+        entry = {k: v for k, v in b.experts[donor].items() if k not in ("name", "weights", "aux_dir", "files", "created")}
+        entry["description"] = f"synthetic copy of {donor} (rows rotated by {shift})"
+        b.commit([(staged, entry)])
+        i += 1
+    return out
+
+
+# ----- 1. memory (each measurement in a fresh process) ---------------------------------------------------
+def child_memory(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    before = rss_bytes()
+    if args.mode == "empty":
+        import transformers  # noqa: F401
+
+        from meswitch.runtime import Switch  # noqa: F401
+        return {"rss": rss_bytes() - before, "rss_total": rss_bytes()}
+    if args.mode == "full":
+        from transformers import AutoModelForCausalLM
+
+        models = [AutoModelForCausalLM.from_pretrained(args.full, dtype=torch.bfloat16) for _ in range(args.n)]
+        return {"rss_total": rss_bytes(), "models": len(models)}
+    from meswitch.runtime import Switch
+
+    sw = Switch.load(args.bundle, dtype="bfloat16", base_fingerprint_check=False, threads=args.threads)
+    names = sw.experts[: args.n]
+    for name in names:  # every expert resident, packed
+        sw.store._load_packed(name)
+    hot = names[: args.hot]
+    if hot:  # serve 8 requests over `hot` experts: those become compute-ready
+        sw.generate([[{"role": "user", "content": CHAT[i % 4]}] for i in range(8)],
+                    expert=[hot[i % len(hot)] for i in range(8)], max_tokens=4, temperature=0)
+    s = sw.stats()
+    out = {"rss_total": rss_bytes(), "expert_memory_bytes": s["expert_memory_bytes"], "kv_cache_bytes": s["kv_cache_bytes"],
+           "residency": s["residency"]}
+    sw.close()
+    return out
+
+
+def run_child(*extra) -> dict:
+    cmd = [sys.executable, __file__, "--child", *map(str, extra)]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"child {extra} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(work: Path, bundles: dict[int, Path], full_dir: Path, base_dir: Path, threads: int) -> list[dict]:
+    from meswitch.bundle.format import Bundle
+
+    empty = run_child("--mode", "empty", "--threads", threads)["rss_total"]
+    base_bytes = sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))
+    full_bytes = sum(f.stat().st_size for f in full_dir.glob("*.safetensors"))
+    rows = []
+    for n, bdir in sorted(bundles.items()):
+        b = Bundle.open(bdir)
+        deltas = sum((bdir / e["weights"]).stat().st_size for e in b.experts.values())
+        ref = base_bytes + deltas
+        full = run_child("--mode", "full", "--n", n, "--full", full_dir, "--threads", threads)["rss_total"] - empty
+        for hot in sorted({0, min(n, 4), n} if n > 1 else {0, 1}):
+            r = run_child("--mode", "switch", "--bundle", bdir, "--n", n, "--hot", hot, "--threads", threads)
+            resident = r["rss_total"] - empty
+            rows.append({"experts": n, "hot": hot, "switch_rss_mib": resident / 2**20,
+                         "switch_rss_without_kv_mib": (resident - r["kv_cache_bytes"]) / 2**20,
+                         "base_plus_deltas_mib": ref / 2**20, "ratio_to_base_plus_deltas": resident / ref,
+                         "full_experts_rss_mib": full / 2**20, "full_experts_file_mib": n * full_bytes / 2**20,
+                         "saving_vs_full": full / resident, "expert_memory_mib": r["expert_memory_bytes"] / 2**20})
+            print(f"  memory: {n} experts, {hot} hot: switch {resident / 2**20:.0f} MiB "
+                  f"({resident / ref:.2f}x base+deltas {ref / 2**20:.0f} MiB), full experts {full / 2**20:.0f} MiB", flush=True)
+    return rows
+
+
+# ----- 2. cold switch --------------------------------------------------------------------------------
+def measure_cold_switch(bundle: Path, full_dir: Path, threads: int, reps: int = 5) -> dict:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from meswitch.runtime import Switch
+
+    torch.set_num_threads(threads)
+    sw = Switch.load(bundle, dtype="bfloat16", base_fingerprint_check=False, threads=threads)
+    name = sw.experts[0]
+    sw.store._load_packed(name)  # warm the page cache, as for the full checkpoint below
+    cold, load_part, build_part, warm = [], [], [], []
+    for _ in range(reps):
+        sw.store.forget(name)
+        s0 = dict(sw.store.stats)
+        t = time.perf_counter()
+        sw.store.try_acquire(name)
+        cold.append(time.perf_counter() - t)
+        sw.store.release(name)
+        load_part.append(sw.store.stats["load_seconds"] - s0["load_seconds"])
+        build_part.append(sw.store.stats["build_seconds"] - s0["build_seconds"])
+        # warm switch: packed in RAM -> compute-ready
+        with sw.store._lock:
+            sw.store._hot.pop(name, None)
+        t = time.perf_counter()
+        sw.store.try_acquire(name)
+        warm.append(time.perf_counter() - t)
+        sw.store.release(name)
+    sw.close()
+    AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.bfloat16)  # warm the page cache
+    full, state = [], []
+    model = AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.bfloat16)
+    for _ in range(reps):
+        t = time.perf_counter()
+        AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.bfloat16)
+        full.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        sd = {}
+        for f in sorted(full_dir.glob("*.safetensors")):
+            sd.update(load_file(f))
+        model.load_state_dict(sd, strict=False)
+        state.append(time.perf_counter() - t)
+    med = statistics.median
+    r = {"compressed_cold_s": med(cold), "compressed_load_s": med(load_part), "compressed_build_s": med(build_part),
+         "compressed_warm_s": med(warm), "full_from_pretrained_s": med(full), "full_load_state_dict_s": med(state)}
+    r["speedup_vs_from_pretrained"] = r["full_from_pretrained_s"] / r["compressed_cold_s"]
+    r["speedup_vs_load_state_dict"] = r["full_load_state_dict_s"] / r["compressed_cold_s"]
+    print("  cold switch: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
+    return r
+
+
+# ----- 3. throughput ---------------------------------------------------------------------------------
+def chats(n):
+    return [[{"role": "user", "content": CHAT[i % len(CHAT)]}] for i in range(n)]
+
+
+def run_batch(sw, experts, tokens):
+    t = time.perf_counter()
+    outs = sw.generate(chats(len(experts)), expert=experts, temperature=0, max_tokens=tokens, ignore_eos=True)
+    dt = time.perf_counter() - t
+    assert all(o.finish_reason == "length" for o in outs), [o.error for o in outs]
+    return sum(o.completion_tokens for o in outs) / dt
+
+
+def merged_swap(sw, experts, tokens):
+    """Serve each expert's group alone with the expert merged into the base weights (W + delta,
+    written into the model's parameters), then restore the base: what a server without delta
+    layers does to share one model between experts."""
+    import torch
+
+    from meswitch.compression.delta import apply_delta
+
+    params = dict(sw.model.named_parameters())
+    pmap = {pname.replace(".base.", "."): pname for pname in params}  # delta layers hold the base module as `.base`
+    original = {k: v.detach().clone() for k, v in params.items()}
+    groups: dict[str, int] = {}
+    for e in experts:
+        groups[e] = groups.get(e, 0) + 1
+    t = time.perf_counter()
+    total = 0
+    swap_seconds = 0.0
+    for expert, count in groups.items():
+        ts = time.perf_counter()
+        deltas = sw.store._load_packed(expert)
+        with torch.no_grad():
+            for tname, d in deltas.items():
+                p = params[pmap[tname]]
+                p.copy_(apply_delta(original[pmap[tname]], d, p.dtype))
+        swap_seconds += time.perf_counter() - ts
+        outs = sw.generate(chats(count), expert=None, temperature=0, max_tokens=tokens, ignore_eos=True)
+        total += sum(o.completion_tokens for o in outs)
+    dt = time.perf_counter() - t
+    with torch.no_grad():
+        for k, v in params.items():
+            v.copy_(original[k])
+    return total / dt, swap_seconds
+
+
+def measure_throughput(bundle: Path, threads: int, tokens: int, batch: int = 8) -> list[dict]:
+    from meswitch.runtime import Switch
+
+    sw = Switch.load(bundle, dtype="bfloat16", base_fingerprint_check=False, threads=threads, max_batch=batch)
+    names = sw.experts
+    for n in (1, 2, 4, 8):  # make every expert used below hot first: this measures decode, not loading
+        sw.generate(chats(n), expert=[names[i] for i in range(n)], max_tokens=1)
+    run_batch(sw, [None] * batch, 4)  # warm-up
+    rows = []
+    for n in (1, 2, 4, 8):
+        experts = [names[i % n] for i in range(batch)]
+        base = run_batch(sw, [None] * batch, tokens)
+        ours = run_batch(sw, experts, tokens)
+        swap, swap_s = merged_swap(sw, experts, tokens)
+        base2 = run_batch(sw, [None] * batch, tokens)  # bracket: the machine is noisy
+        base_tps = (base + base2) / 2
+        rows.append({"experts": n, "requests": batch, "tokens_per_request": tokens, "base_tok_s": base_tps,
+                     "meswitch_tok_s": ours, "merged_swap_tok_s": swap, "merged_swap_merge_s": swap_s,
+                     "ratio_to_base": ours / base_tps, "ratio_to_merged_swap": ours / swap})
+        print(f"  throughput: {batch} requests over {n} experts: {ours:.1f} tok/s = {ours / base_tps:.2f}x base "
+              f"({base_tps:.1f}), {ours / swap:.2f}x merged swap ({swap:.1f}, {swap_s:.2f} s merging)", flush=True)
+    sw.close()
+    return rows
+
+
+# ----- 4. profile ---------------------------------------------------------------------------------
+def profile_decode(bundle: Path, threads: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from meswitch.runtime import Switch
+
+    sw = Switch.load(bundle, dtype="bfloat16", base_fingerprint_check=False, threads=threads, start=False)
+    names = sw.experts
+    reqs = [sw.submit(c, names[i % 4], temperature=0, max_tokens=64, ignore_eos=True) for i, c in enumerate(chats(8))]
+    while any(r.cursor < len(r.prompt_ids) for r in reqs):
+        sw.engine.step()
+    for _ in range(3):
+        sw.engine.step()
+    steps = 10
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            sw.engine.step()
+        wall = (time.perf_counter() - t) / steps
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    top = [{"op": e.key, "share": e.self_cpu_time_total / total, "calls_per_step": e.count / steps,
+            "ms_per_step": e.self_cpu_time_total / steps / 1000} for e in events[:12]]
+    sw.close()
+    print(f"  profile: {wall * 1000:.1f} ms per decode step (8 requests, 4 experts)")
+    for t in top[:8]:
+        print(f"    {t['op']:<50} {t['share'] * 100:5.1f}%  {t['ms_per_step']:6.1f} ms/step  {t['calls_per_step']:6.0f} calls/step")
+    return {"ms_per_step": wall * 1000, "top_ops": top}
+
+
+# ----- report --------------------------------------------------------------------------------------
+def markdown(res: dict) -> str:
+    lines = ["# Runtime benchmark (SmolLM2-135M, bf16, CPU)", "",
+             f"Command: `.venv/bin/python benchmarks/runtime.py --threads {res['threads']} --tokens {res['tokens']}`. "
+             "Synthetic experts are real compressed experts with rotated rows.", "",
+             "## Resident memory", "",
+             "| experts | hot (compute-ready) | meswitch RSS | base + compressed deltas | ratio | N full 16-bit experts (RSS) | saving |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in res["memory"]:
+        lines.append(f"| {r['experts']} | {r['hot']} | {r['switch_rss_mib']:.0f} MiB | {r['base_plus_deltas_mib']:.0f} MiB | "
+                     f"{r['ratio_to_base_plus_deltas']:.2f}x | {r['full_experts_rss_mib']:.0f} MiB | {r['saving_vs_full']:.1f}x |")
+    c = res["cold_switch"]
+    lines += ["", "## Cold switch (one expert, disk -> servable; page cache warm for both)", "",
+              "| path | seconds |", "| --- | ---: |",
+              f"| meswitch: load packed delta + build compute-ready form | {c['compressed_cold_s']:.3f} "
+              f"(load {c['compressed_load_s']:.3f} + build {c['compressed_build_s']:.3f}) |",
+              f"| meswitch warm switch (packed in RAM -> compute-ready) | {c['compressed_warm_s']:.3f} |",
+              f"| full expert: `from_pretrained` | {c['full_from_pretrained_s']:.3f} ({c['speedup_vs_from_pretrained']:.1f}x slower) |",
+              f"| full expert: `load_file` + `load_state_dict` into a resident model | {c['full_load_state_dict_s']:.3f} "
+              f"({c['speedup_vs_load_state_dict']:.1f}x slower) |",
+              "", "## Decode throughput, 8 concurrent requests", "",
+              "| experts | meswitch tok/s | bare base tok/s | ratio to base | merged-swap tok/s | ratio to merged swap |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in res["throughput"]:
+        lines.append(f"| {r['experts']} | {r['meswitch_tok_s']:.1f} | {r['base_tok_s']:.1f} | {r['ratio_to_base']:.2f} | "
+                     f"{r['merged_swap_tok_s']:.1f} | {r['ratio_to_merged_swap']:.2f} |")
+    p = res["profile"]
+    lines += ["", f"## Where the time goes (8 requests over 4 experts: {p['ms_per_step']:.1f} ms per decode step)", "",
+              "| op | share | ms/step | calls/step |", "| --- | ---: | ---: | ---: |"]
+    for t in p["top_ops"][:8]:
+        lines.append(f"| `{t['op']}` | {t['share'] * 100:.1f}% | {t['ms_per_step']:.1f} | {t['calls_per_step']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default=str(ROOT / ".cache" / "demo"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=48, help="tokens generated per request in the throughput runs")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--hot", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--bundle", help=argparse.SUPPRESS)
+    ap.add_argument("--full", help=argparse.SUPPRESS)
+    ap.add_argument("--skip", action="append", default=[], choices=["memory", "cold", "throughput", "profile"])
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child_memory(args)))
+        return
+    work = Path(args.workdir)
+    src = work / "bundle"
+    if not (src / "manifest.json").exists():
+        sys.exit(f"no demo bundle at {src}: run `make demo` first")
+    bench = work / "bench_runtime"
+    bundles = {n: build_bundle(src, bench / f"bundle{n}", n) for n in (1, 4, 16)}
+    full_dir = bench / "full_expert"
+    if not (full_dir / "config.json").exists():
+        from meswitch.cli import main as cli
+
+        assert cli(["materialize", str(src), "math", "--out", str(full_dir)]) == 0
+    base_dir = work / "base"
+    res = {"threads": args.threads, "tokens": args.tokens, "machine": f"{os.cpu_count()} CPUs"}
+    t0 = time.time()
+    if "memory" not in args.skip:
+        print("resident memory", flush=True)
+        res["memory"] = measure_memory(bench, bundles, full_dir, base_dir, args.threads)
+    if "cold" not in args.skip:
+        print("cold switch", flush=True)
+        res["cold_switch"] = measure_cold_switch(bundles[4], full_dir, args.threads)
+    if "throughput" not in args.skip:
+        print("throughput", flush=True)
+        res["throughput"] = measure_throughput(bundles[16], args.threads, args.tokens)
+    if "profile" not in args.skip:
+        print("profile", flush=True)
+        res["profile"] = profile_decode(bundles[4], args.threads)
+    res["seconds"] = time.time() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runtime.json").write_text(json.dumps(res, indent=2) + "\n")
+    if not args.skip:
+        (out / "runtime.md").write_text(markdown(res))
+        print(markdown(res))
+    print(f"wrote {out / 'runtime.json'} ({res['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
