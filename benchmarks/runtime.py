@@ -41,6 +41,9 @@ CHAT = [
 
 
 def rss_bytes() -> int:
+    from meswitch.runtime.store import release_freed_memory
+
+    release_freed_memory()  # the same for every configuration: freed temporaries are not counted
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -100,6 +103,9 @@ def child_memory(args) -> dict:
         from transformers import AutoModelForCausalLM
 
         models = [AutoModelForCausalLM.from_pretrained(args.full, dtype=torch.bfloat16) for _ in range(args.n)]
+        with torch.inference_mode():  # page every weight in (safetensors may map them lazily)
+            for m in models:
+                m(input_ids=torch.tensor([[1, 2, 3]]))
         return {"rss_total": rss_bytes(), "models": len(models)}
     from meswitch.runtime import Switch
 
@@ -108,6 +114,7 @@ def child_memory(args) -> dict:
     for name in names:  # every expert resident, packed
         sw.store._load_packed(name)
     hot = names[: args.hot]
+    sw.generate("hello", expert=None, max_tokens=1)  # page the base weights in, as for the full experts
     if hot:  # serve 8 requests over `hot` experts: those become compute-ready
         sw.generate([[{"role": "user", "content": CHAT[i % 4]}] for i in range(8)],
                     expert=[hot[i % len(hot)] for i in range(8)], max_tokens=4, temperature=0)

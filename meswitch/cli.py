@@ -296,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .runtime.cli import add_parser as add_generate_parser
 
     add_generate_parser(sub)
+
+    from .server.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return p
 
 

@@ -414,3 +414,19 @@ def test_cli_generate(rt, capsys):
     assert "unknown expert 'nope'" in capsys.readouterr().err
     m = json.loads((rt / "bundle/manifest.json").read_text())
     assert set(m["experts"]) == {"math", "code"}
+
+
+def test_the_served_model_still_works_as_a_plain_base_model(rt, sw32):
+    """Outside the engine (the router reads base hidden states), the wrapped model is the base,
+    padding masks included, even while the engine serves experts in another thread."""
+    ref = reference(rt, None)
+    tok = sw32.tokenizer(None)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    req = sw32.submit(PROMPTS[0], "math", temperature=0, max_tokens=30)
+    with torch.inference_mode():
+        got = sw32.model(**enc).logits
+        want = ref(**enc).logits
+    req.wait(60)
+    mask = enc["attention_mask"].bool()
+    assert (got[mask] - want[mask]).abs().max() < FP32_LOGIT_TOL

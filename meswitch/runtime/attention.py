@@ -89,7 +89,11 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     """transformers attention interface: query [1, heads, T, d], key/value [1, kv_heads, T, d]."""
     batch: RaggedBatch | None = kwargs.get("meswitch_batch")
     if batch is None:
-        raise RuntimeError("the meswitch attention needs a RaggedBatch (model used outside the engine?)")
+        # A plain forward pass outside the engine (the router's features): ordinary causal
+        # attention over the given tokens, as transformers' sdpa implementation computes it.
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
     layer = module.layer_idx
     k_cache, v_cache = batch.cache.k[layer], batch.cache.v[layer]
     k_cache[batch.slots, :, batch.positions] = key[0].transpose(0, 1)
@@ -118,15 +122,13 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.unsqueeze(0), None
 
 
-def _no_mask(*args, **kwargs):
-    return None  # masking is done per request inside ragged_attention
-
-
 def register_attention() -> str:
     """Make ATTN_IMPLEMENTATION known to transformers (idempotent) and return its name."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, ragged_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
+    # The engine passes no attention mask (ragged_attention masks per request); plain forward
+    # passes (with padding) get the masks sdpa would.
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
     return ATTN_IMPLEMENTATION

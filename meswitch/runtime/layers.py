@@ -18,6 +18,7 @@ is nn.Embedding and the LM head an nn.Linear (tied to the embedding or not).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -55,8 +56,10 @@ class HotExpert:
         return n
 
 
-class DeltaContext:
-    """Token ranges of the current forward pass, per expert. Owned by one engine; set each step."""
+class DeltaContext(threading.local):
+    """Token ranges of the current forward pass, per expert. Owned by one engine; set each step.
+    Thread-local: a forward pass in another thread (the router reading base hidden states while
+    the engine runs) sees no segments, i.e. runs the plain base model."""
 
     def __init__(self) -> None:
         self.segments: list[tuple[HotExpert, int, int]] = []

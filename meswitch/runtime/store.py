@@ -29,6 +29,17 @@ class MemoryBudgetError(RuntimeError):
     pass
 
 
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise: building an expert's
+    compute-ready form allocates large temporaries, and RSS would stay at the peak)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def parse_memory(value: str | int | None) -> int | None:
     """'2GiB', '512MB', '1.5G', '800000000' -> bytes; None/'' -> None (no limit)."""
     if value is None or value == "":
@@ -173,7 +184,8 @@ class ExpertStore:
             self.stats["misses"] += 1
             self._hot[name] = hot
             self._pins[name] = self._pins.get(name, 0) + 1
-            return hot
+        release_freed_memory()
+        return hot
 
     def backend_bytes(self, deltas: dict[str, CompressedDelta]) -> int:
         """Bytes the compute-ready form will take (computed without building it)."""

@@ -1,0 +1,57 @@
+"""`meswitch serve BUNDLE`: the HTTP server for every expert of a bundle, in one process."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("serve", help="serve a bundle over an OpenAI-compatible HTTP API")
+    s.add_argument("bundle")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("MESWITCH_API_KEY"),
+                   help="require this bearer token (default: $MESWITCH_API_KEY; none: open, admin disabled)")
+    s.add_argument("--max-memory", default=None, help="memory budget for expert deltas, e.g. 2GiB (default: no limit)")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache slots)")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    s.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast, default), float32 (exact) or float16")
+    s.add_argument("--base", default=None, help="base checkpoint (default: the path recorded in the bundle)")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    s.add_argument("--no-router", action="store_true", help="do not load the bundle's router (model 'auto' is refused)")
+    s.set_defaults(func=cmd_serve)
+
+
+def load_router(switch):
+    """The bundle's router, or None (with the reason logged) when it has none."""
+    try:
+        from ..router import Router
+    except ImportError:
+        return None
+    try:
+        return Router.load(switch.bundle, model=switch.model, tokenizer=switch.base_tokenizer)
+    except Exception as e:  # no router trained, no descriptions: serve without `auto`
+        logging.getLogger("meswitch.server").warning("model 'auto' unavailable: %s", e)
+        return None
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from ..runtime import Switch
+    from .app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sw = Switch.load(args.bundle, args.base, dtype=args.dtype, max_memory=args.max_memory, max_batch=args.max_batch,
+                     max_queue=args.max_queue, max_model_len=args.max_model_len, threads=args.threads)
+    router = None if args.no_router else load_router(sw)
+    app = create_app(sw, router=router, api_key=args.api_key)
+    print(f"meswitch: serving {len(sw.experts)} experts ({', '.join(sw.experts)}) + base"
+          f"{' + auto routing' if router else ''} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        sw.close()
+    return 0
