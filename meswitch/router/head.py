@@ -2,10 +2,12 @@
 (scikit-learn's LogisticRegression, lbfgs), then one temperature fitted on held-out examples.
 
 Training: a stratified split holds out `calib_fraction` of the examples; the head is fitted on
-the rest, the temperature T (in [0.5, 20]) minimises the held-out negative log-likelihood of softmax(z / T)
-(temperature scaling, Guo et al. 2017), and the held-out accuracy, macro-F1 and expected
-calibration error (before and after) become the router's metrics. The head is then refitted on
-all examples and keeps T. At run time only numpy is used: p = softmax(((x - mean) / scale) W^T + b) / T).
+the rest (for each C of C_GRID unless one is given; the C with the lowest held-out log-loss after
+temperature scaling is kept), the temperature T (in [0.5, 20]) minimises the held-out negative
+log-likelihood of softmax(z / T) (temperature scaling, Guo et al. 2017), and the held-out
+accuracy, macro-F1 and expected calibration error (before and after) become the router's
+metrics. The head is then refitted on all examples and keeps T.
+At run time only numpy is used: p = softmax((((x - mean) / scale) W^T + b) / T).
 """
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 
 from .errors import RouterError
 
 MIN_PER_CLASS_FOR_SPLIT = 5
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.5, 20.0
+C_GRID = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried when none is given
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -34,11 +38,13 @@ class Head:
     scale: np.ndarray      # [D]
     temperature: float = 1.0
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / self.scale) @ self.coef.T + self.intercept
+    def logits(self, x) -> np.ndarray:
+        if sparse.issparse(x):  # tf-idf rows: not standardised (mean 0, scale 1)
+            return np.asarray(x @ self.coef.T) + self.intercept
+        return ((np.asarray(x, dtype=np.float32) - self.mean) / self.scale) @ self.coef.T + self.intercept
 
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        return softmax(self.logits(np.asarray(x, dtype=np.float32)).astype(np.float64) / self.temperature)
+    def predict_proba(self, x) -> np.ndarray:
+        return softmax(self.logits(x).astype(np.float64) / self.temperature)
 
     def tensors(self) -> dict[str, np.ndarray]:
         return {"coef": self.coef.astype(np.float32), "intercept": self.intercept.astype(np.float32),
@@ -55,11 +61,16 @@ class Head:
 def _fit(x: np.ndarray, y: np.ndarray, k: int, c: float, seed: int) -> Head:
     from sklearn.linear_model import LogisticRegression
 
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0)
-    scale = np.where(scale > 1e-6, scale, 1.0)
+    if sparse.issparse(x):
+        mean, scale = np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
+        z = x
+    else:
+        mean = x.mean(axis=0)
+        scale = x.std(axis=0)
+        scale = np.where(scale > 1e-6, scale, 1.0)
+        z = (x - mean) / scale
     lr = LogisticRegression(C=c, max_iter=2000, random_state=seed)
-    lr.fit((x - mean) / scale, y)
+    lr.fit(z, y)
     coef, intercept = lr.coef_, lr.intercept_
     if k == 2 and coef.shape[0] == 1:  # scikit-learn's binary form: one row for class 1
         coef = np.concatenate([-coef / 2, coef / 2])
@@ -113,28 +124,40 @@ def classification_metrics(y_true: list[int], y_pred: list[int], k: int) -> dict
             "n": len(y_true)}
 
 
-def train_head(x: np.ndarray, y: np.ndarray, k: int, c: float = 1.0, calib_fraction: float = 0.2,
+def _nll(p: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.maximum(p[np.arange(len(y)), y], 1e-12))))
+
+
+def train_head(x, y: np.ndarray, k: int, c: float | None = None, calib_fraction: float = 0.2,
                seed: int = 0) -> tuple[Head, dict]:
+    """Fit the head; c=None picks the regularisation from C_GRID by held-out log-loss."""
     counts = np.bincount(y, minlength=k)
-    metrics: dict = {"examples": len(y), "C": c}
+    metrics: dict = {"examples": len(y)}
     if counts.min() >= MIN_PER_CLASS_FOR_SPLIT and calib_fraction > 0:
         from sklearn.model_selection import train_test_split
 
         idx_fit, idx_cal = train_test_split(np.arange(len(y)), test_size=calib_fraction, stratify=y, random_state=seed)
-        head = _fit(x[idx_fit], y[idx_fit], k, c, seed)
-        z = head.logits(x[idx_cal]).astype(np.float64)
-        t = fit_temperature(z, y[idx_cal])
+        best = None
+        for cc in ([c] if c is not None else C_GRID):
+            head = _fit(x[idx_fit], y[idx_fit], k, cc, seed)
+            z = head.logits(x[idx_cal]).astype(np.float64)
+            t = fit_temperature(z, y[idx_cal])
+            loss = _nll(softmax(z / t), y[idx_cal])
+            if best is None or loss < best[0]:
+                best = (loss, cc, z, t)
+        _, c, z, t = best
         p_before, p_after = softmax(z), softmax(z / t)
         m = classification_metrics(list(y[idx_cal]), list(p_after.argmax(1)), k)
         metrics.update({"heldout_examples": len(idx_cal), "heldout_accuracy": m["accuracy"],
-                        "heldout_macro_f1": m["macro_f1"], "temperature": t,
+                        "heldout_macro_f1": m["macro_f1"], "heldout_nll": _nll(p_after, y[idx_cal]), "temperature": t,
                         "ece_before": expected_calibration_error(p_before, y[idx_cal]),
                         "ece_after": expected_calibration_error(p_after, y[idx_cal])})
     else:
-        t = 1.0
+        t, c = 1.0, (c if c is not None else 1.0)
         metrics.update({"heldout_examples": 0, "temperature": t,
                         "note": f"fewer than {MIN_PER_CLASS_FOR_SPLIT} examples for some expert: no held-out split, "
                                 "no temperature fit"})
+    metrics["C"] = c
     head = _fit(x, y, k, c, seed)
     head.temperature = t
     metrics["train_accuracy"] = float((head.predict_proba(x).argmax(1) == y).mean())
