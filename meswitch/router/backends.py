@@ -112,7 +112,7 @@ class LexicalEncoder:
 
         return TfidfVectorizer(ngram_range=self.NGRAMS, sublinear_tf=True, dtype=np.float32, **kw)
 
-    def fit(self, texts: list[str]) -> "LexicalEncoder":
+    def fit(self, texts: list[str]) -> LexicalEncoder:
         self.vectorizer = self._vectorizer(min_df=2 if len(texts) >= 100 else 1, max_features=self.MAX_FEATURES)
         try:
             self.vectorizer.fit(texts)

@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle.format import EXAMPLES_FILE, Bundle, sha256_file
-from .backends import BACKENDS, BaseEncoder, EmbedEncoder, LexicalEncoder, ZeroShotScorer
+from .backends import (
+    BACKENDS,
+    BaseEncoder,
+    EmbedEncoder,
+    LexicalEncoder,
+    ZeroShotScorer,
+)
 from .data import Query, load_queries, query_text, user_turns
 from .errors import RouterError
 from .head import Head, train_head
