@@ -312,6 +312,10 @@ def test_cli_router_eval_prints_metrics(embed_bundle, tmp_path, capsys):
     assert main(["router", "eval", str(embed_bundle), "--data", f"code={code}", "--data", str(data), "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
     assert m["n"] == 5 and m["accuracy"] == 1.0 and m["confusion"][m["labels"].index("code")][m["columns"].index("code")] == 2
+    assert main(["router", "eval", str(embed_bundle), "--data", str(data), "--json", "--threshold", "1",
+                 "--fallback", "chat"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["fallback_rate"] == 1.0 and m["accuracy"] == 0.25 and m["top1_accuracy"] == 1.0  # 1 of 4 is chat
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "hi", "label": "poetry"}) + "\n")
     assert main(["router", "eval", str(embed_bundle), "--data", str(bad)]) == 1

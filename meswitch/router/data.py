@@ -92,7 +92,7 @@ def user_turns(messages: list[dict]) -> list[str]:
     """The text of a chat's user turns, oldest first (list-of-parts contents are joined)."""
     turns = []
     for m in messages:
-        if m.get("role") != "user":
+        if not isinstance(m, dict) or m.get("role") != "user":
             continue
         c = m.get("content")
         if isinstance(c, list):  # OpenAI content parts
