@@ -1,4 +1,4 @@
-"""The `meswitch` command line: convert, compress, inspect, materialize."""
+"""The `meswitch` command line: convert, compress, inspect, materialize, router, route."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from .bundle.format import Bundle, BundleError, check_expert_name  # noqa: E402
+from .bundle.format import EXAMPLES_FILE, Bundle, BundleError, check_expert_name  # noqa: E402
 from .checkpoints import DTYPES, Checkpoint, CheckpointError, check_compatible, fingerprint  # noqa: E402
 from .compression.calibration import CalibrationError, load_samples  # noqa: E402
 from .compression.methods import METHODS, CompressionSpec, check_salient  # noqa: E402
@@ -82,6 +82,19 @@ def _calib_paths(values: list[str] | None, expert_names: list[str]) -> dict[str,
     return per
 
 
+def _aux_writer(ckpt: Checkpoint, calib_path: str | None):
+    """Writes an expert's aux files; with a calibration file, also its prompts as the router's
+    default examples (the built-in set is the same for every expert, so it is not stored)."""
+    from .router.data import write_examples
+
+    def save(dest: Path) -> None:
+        ckpt.save_aux_files(dest)
+        if calib_path is not None:
+            write_examples(dest / EXAMPLES_FILE, load_samples(calib_path))
+
+    return save
+
+
 # ----- compress ------------------------------------------------------------------------------
 def cmd_compress(args) -> int:
     from .bundle.materialize import dtype_name
@@ -145,7 +158,7 @@ def cmd_compress(args) -> int:
                 tune_steps=args.tune_steps, device=args.device, model_dtype=DTYPES[args.model_dtype],
                 name=n, log=log,
             )
-            record = bundle.stage_expert(n, result.deltas, ckpts[n].save_aux_files)
+            record = bundle.stage_expert(n, result.deltas, _aux_writer(ckpts[n], calib[n]))
             params = spec.as_dict()
             params.update({"tune_steps": args.tune_steps, "calibration": calib[n] or "builtin",
                            "calibration_max_len": args.calib_max_len})
@@ -300,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .server.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+
+    from .router.cli import add_router_commands
+
+    add_router_commands(sub)  # router train | router eval | route
     return p
 
 

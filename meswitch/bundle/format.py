@@ -30,6 +30,7 @@ FORMAT_NAME = "meswitch-bundle"
 FORMAT_VERSION = 1
 DELTA_FORMAT = "meswitch-delta"
 MANIFEST = "manifest.json"
+EXAMPLES_FILE = "examples.jsonl"  # an expert's example queries (its calibration prompts), for the router
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -251,6 +252,10 @@ class Bundle:
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             })
             self.experts[name] = entry
+        self.write_manifest()
+
+    def write_manifest(self) -> None:
+        """Write the in-memory manifest atomically (the last step of every change to a bundle)."""
         self.path.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import DTYPES, Checkpoint, fingerprint
 from ..compression.delta import apply_delta
-from .format import Bundle, BundleError, save_safetensors
+from .format import EXAMPLES_FILE, Bundle, BundleError, save_safetensors
 
 SHARD_BYTES = 2 << 30
 
@@ -76,7 +76,7 @@ def materialize(bundle: Bundle, name: str, base: Checkpoint, out: str | Path, pr
 
     aux = bundle.aux_dir(name)
     for f in aux.iterdir():
-        if f.is_file():
+        if f.is_file() and f.name != EXAMPLES_FILE:  # router data, not part of a checkpoint
             shutil.copy2(f, tmp / f.name)
     config = json.loads((tmp / "config.json").read_text())
     for key in ("dtype", "torch_dtype"):
