@@ -84,6 +84,64 @@ class ConversationMemory:
         return None
 
 
+class GuardMiddleware:
+    """Refuses bodies over max_body_bytes (413) and, when a key is set, requests to /v1 and
+    /admin without `Authorization: Bearer KEY` (401)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, on_error):
+        self.app, self.api_key, self.max_body, self.on_error = app, api_key, max_body_bytes, on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"]
+        if self.api_key is not None and (path.startswith("/v1/") or path.startswith("/admin/")):
+            auth = headers.get("authorization", "")
+            token = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                resp = self.on_error(401, "missing or invalid API key", "invalid_request_error", code="invalid_api_key")
+                return await resp(scope, receive, send)
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            too_big = self.on_error(413, f"request body larger than {self.max_body} bytes", "invalid_request_error")
+            length = headers.get("content-length")
+            if length is not None:
+                if not length.isdigit() or int(length) > self.max_body:
+                    if length.isdigit() and int(length) <= 64 * self.max_body:
+                        await self._discard_body(receive)  # so the client reads the 413 instead of a reset
+                    return await too_big(scope, receive, send)
+            else:  # chunked: read it here, within the limit, and hand it on
+                body, more = b"", True
+                while more:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        return
+                    body += msg.get("body", b"")
+                    more = msg.get("more_body", False)
+                    if len(body) > self.max_body:
+                        return await too_big(scope, receive, send)
+                sent = False
+
+                async def replay():
+                    nonlocal sent
+                    if not sent:
+                        sent = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()
+
+                return await self.app(scope, replay, send)
+        return await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _discard_body(receive) -> None:
+        more = True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            more = msg.get("more_body", False)
+
+
 def create_app(switch, router=None, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                retry_after: int = 1) -> FastAPI:
     app = FastAPI(title="meswitch", version="1", docs_url=None, redoc_url=None)
@@ -120,28 +178,9 @@ def create_app(switch, router=None, api_key: str | None = None, max_body_bytes: 
         log.exception("internal error on %s", request.url.path)
         return error_response(500, "internal server error", "server_error")
 
-    # ----- middleware: body size, API key ---------------------------------------------------------------
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.method in ("POST", "PUT", "PATCH"):
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-                return error_response(413, f"request body larger than {max_body_bytes} bytes", "invalid_request_error")
-            if length is None:
-                body = b""
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > max_body_bytes:
-                        return error_response(413, f"request body larger than {max_body_bytes} bytes",
-                                              "invalid_request_error")
-                request._body = body
-        protected = request.url.path.startswith("/v1/") or request.url.path.startswith("/admin/")
-        if protected and api_key is not None:
-            auth = request.headers.get("authorization", "")
-            token = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                return error_response(401, "missing or invalid API key", "invalid_request_error", code="invalid_api_key")
-        return await call_next(request)
+    # ----- body size and API key: a plain ASGI middleware (BaseHTTPMiddleware would hide client
+    # disconnects from the endpoints, and they cancel generations) --------------------------------------
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, on_error=error_response)
 
     # ----- models ---------------------------------------------------------------------------------
     @app.get("/v1/models")
@@ -277,17 +316,19 @@ def create_app(switch, router=None, api_key: str | None = None, max_body_bytes: 
 
         # non-streaming: wait for the result, cancelling if the client disconnects meanwhile
         result = None
+        last_check = time.monotonic()
         try:
             while result is None:
                 try:
-                    _, done = await asyncio.wait_for(queue.get(), timeout=0.5)
+                    _, result = await asyncio.wait_for(queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    pass
+                if result is None and time.monotonic() - last_check >= 0.5:
+                    last_check = time.monotonic()
                     if await request.is_disconnected():
                         req.cancel()
                         finish_metrics(None, "499")
                         return Response(status_code=499)
-                    continue
-                result = done
         except asyncio.CancelledError:
             req.cancel()
             finish_metrics(None, "499")
