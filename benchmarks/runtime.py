@@ -15,7 +15,7 @@ its rows rotated (same sizes and statistics, different weights), for the memory 
    expert weights into the model between groups of requests (each group served alone).
 4. Where the time goes: torch profiler over decode steps of 8 requests on 4 experts.
 
-    .venv/bin/python benchmarks/runtime.py [--workdir .cache/demo] [--threads 2] [--tokens 48]
+    .venv/bin/python benchmarks/runtime.py [--workdir .cache/demo] [--threads 1] [--tokens 48]
 """
 from __future__ import annotations
 
@@ -119,8 +119,9 @@ def child_memory(args) -> dict:
         sw.generate([[{"role": "user", "content": CHAT[i % 4]}] for i in range(8)],
                     expert=[hot[i % len(hot)] for i in range(8)], max_tokens=4, temperature=0)
     s = sw.stats()
+    base_bytes = sum(p.numel() * p.element_size() for p in sw.model.parameters())
     out = {"rss_total": rss_bytes(), "expert_memory_bytes": s["expert_memory_bytes"], "kv_cache_bytes": s["kv_cache_bytes"],
-           "residency": s["residency"]}
+           "base_param_bytes": base_bytes, "residency": s["residency"]}
     sw.close()
     return out
 
@@ -152,7 +153,9 @@ def measure_memory(work: Path, bundles: dict[int, Path], full_dir: Path, base_di
                          "switch_rss_without_kv_mib": (resident - r["kv_cache_bytes"]) / 2**20,
                          "base_plus_deltas_mib": ref / 2**20, "ratio_to_base_plus_deltas": resident / ref,
                          "full_experts_rss_mib": full / 2**20, "full_experts_file_mib": n * full_bytes / 2**20,
-                         "saving_vs_full": full / resident, "expert_memory_mib": r["expert_memory_bytes"] / 2**20})
+                         "saving_vs_full": full / resident, "expert_memory_mib": r["expert_memory_bytes"] / 2**20,
+                         "accounted_mib": (r["base_param_bytes"] + r["expert_memory_bytes"]) / 2**20,
+                         "accounted_ratio": (r["base_param_bytes"] + r["expert_memory_bytes"]) / ref})
             print(f"  memory: {n} experts, {hot} hot: switch {resident / 2**20:.0f} MiB "
                   f"({resident / ref:.2f}x base+deltas {ref / 2**20:.0f} MiB), full experts {full / 2**20:.0f} MiB", flush=True)
     return rows
@@ -170,36 +173,43 @@ def measure_cold_switch(bundle: Path, full_dir: Path, threads: int, reps: int = 
     sw = Switch.load(bundle, dtype="bfloat16", base_fingerprint_check=False, threads=threads)
     name = sw.experts[0]
     sw.store._load_packed(name)  # warm the page cache, as for the full checkpoint below
+    prompt = "Hello"
     cold, load_part, build_part, warm = [], [], [], []
     for _ in range(reps):
+        # cold: disk -> first token (load the packed delta, build the compute-ready form, one forward)
         sw.store.forget(name)
         s0 = dict(sw.store.stats)
         t = time.perf_counter()
-        sw.store.try_acquire(name)
+        sw.generate(prompt, expert=name, max_tokens=1)
         cold.append(time.perf_counter() - t)
-        sw.store.release(name)
         load_part.append(sw.store.stats["load_seconds"] - s0["load_seconds"])
         build_part.append(sw.store.stats["build_seconds"] - s0["build_seconds"])
-        # warm switch: packed in RAM -> compute-ready
+        # warm: packed already in RAM -> first token
         with sw.store._lock:
             sw.store._hot.pop(name, None)
         t = time.perf_counter()
-        sw.store.try_acquire(name)
+        sw.generate(prompt, expert=name, max_tokens=1)
         warm.append(time.perf_counter() - t)
-        sw.store.release(name)
     sw.close()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
     AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.bfloat16)  # warm the page cache
     full, state = [], []
     model = AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.bfloat16)
     for _ in range(reps):
+        # full expert: load -> first token (safetensors maps lazily: the forward pass reads the weights)
         t = time.perf_counter()
-        AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.bfloat16)
+        m = AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            m(input_ids=ids)
         full.append(time.perf_counter() - t)
+        del m
         t = time.perf_counter()
         sd = {}
         for f in sorted(full_dir.glob("*.safetensors")):
             sd.update(load_file(f))
         model.load_state_dict(sd, strict=False)
+        with torch.inference_mode():
+            model(input_ids=ids)
         state.append(time.perf_counter() - t)
     med = statistics.median
     r = {"compressed_cold_s": med(cold), "compressed_load_s": med(load_part), "compressed_build_s": med(build_part),
@@ -318,20 +328,23 @@ def markdown(res: dict) -> str:
              f"Command: `.venv/bin/python benchmarks/runtime.py --threads {res['threads']} --tokens {res['tokens']}`. "
              "Synthetic experts are real compressed experts with rotated rows.", "",
              "## Resident memory", "",
-             "| experts | hot (compute-ready) | meswitch RSS | base + compressed deltas | ratio | N full 16-bit experts (RSS) | saving |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "Tensors = base weights + expert deltas held by the store (packed + compute-ready), counted exactly; "
+             "RSS = resident memory of a fresh process after use, minus an empty one (includes the KV cache and allocator slack).", "",
+             "| experts | hot (compute-ready) | meswitch tensors | meswitch RSS | base + compressed deltas (files) | tensors / files | RSS / files | N full 16-bit experts (RSS) | saving (RSS) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["memory"]:
-        lines.append(f"| {r['experts']} | {r['hot']} | {r['switch_rss_mib']:.0f} MiB | {r['base_plus_deltas_mib']:.0f} MiB | "
-                     f"{r['ratio_to_base_plus_deltas']:.2f}x | {r['full_experts_rss_mib']:.0f} MiB | {r['saving_vs_full']:.1f}x |")
+        lines.append(f"| {r['experts']} | {r['hot']} | {r['accounted_mib']:.0f} MiB | {r['switch_rss_mib']:.0f} MiB | "
+                     f"{r['base_plus_deltas_mib']:.0f} MiB | {r['accounted_ratio']:.2f}x | {r['ratio_to_base_plus_deltas']:.2f}x | "
+                     f"{r['full_experts_rss_mib']:.0f} MiB | {r['saving_vs_full']:.1f}x |")
     c = res["cold_switch"]
     lines += ["", "## Cold switch (one expert, disk -> servable; page cache warm for both)", "",
               "| path | seconds |", "| --- | ---: |",
-              f"| meswitch: load packed delta + build compute-ready form | {c['compressed_cold_s']:.3f} "
+              f"| meswitch: load packed delta + build compute-ready form + 1 token | {c['compressed_cold_s']:.3f} "
               f"(load {c['compressed_load_s']:.3f} + build {c['compressed_build_s']:.3f}) |",
-              f"| meswitch warm switch (packed in RAM -> compute-ready) | {c['compressed_warm_s']:.3f} |",
-              f"| full expert: `from_pretrained` | {c['full_from_pretrained_s']:.3f} ({c['speedup_vs_from_pretrained']:.1f}x slower) |",
-              f"| full expert: `load_file` + `load_state_dict` into a resident model | {c['full_load_state_dict_s']:.3f} "
-              f"({c['speedup_vs_load_state_dict']:.1f}x slower) |",
+              f"| meswitch warm switch (packed in RAM -> compute-ready + 1 token) | {c['compressed_warm_s']:.3f} |",
+              f"| full expert: `from_pretrained` + 1 token | {c['full_from_pretrained_s']:.3f} (meswitch {c['speedup_vs_from_pretrained']:.2f}x faster) |",
+              f"| full expert: `load_file` + `load_state_dict` into a resident model + 1 token | {c['full_load_state_dict_s']:.3f} "
+              f"(meswitch {c['speedup_vs_load_state_dict']:.2f}x faster) |",
               "", "## Decode throughput, 8 concurrent requests", "",
               "| experts | meswitch tok/s | bare base tok/s | ratio to base | merged-swap tok/s | ratio to merged swap |",
               "| ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -349,7 +362,8 @@ def markdown(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=str(ROOT / ".cache" / "demo"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: robust to other load on the machine; all paths get the same)")
     ap.add_argument("--tokens", type=int, default=48, help="tokens generated per request in the throughput runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

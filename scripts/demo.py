@@ -96,7 +96,63 @@ def main() -> None:
                     "--description", f"{name}={EXPERTS[name]}"]
         run(cmd)
     run([*meswitch, "inspect", str(bundle)])
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    if sorted((manifest.get("router") or {}).get("labels", [])) != sorted(EXPERTS):
+        cmd = [*meswitch, "router", "train", str(bundle)]
+        for name in EXPERTS:
+            cmd += ["--examples", f"{name}={data / (name + '_calib.jsonl')}"]
+        run(cmd)
+    else:
+        print("router: reusing the bundle's router")
+    ask_the_server(meswitch, bundle)
     print(f"demo finished in {time.time() - t0:.0f} s; bundle at {bundle}")
+
+
+DEMO_QUESTIONS = [
+    "Sara has 14 marbles and loses 6. How many marbles does she have now?",
+    "Write a Python function that returns the square of a number.",
+    "A box holds 8 eggs. How many eggs are in 5 boxes?",
+    "Write a Python function that checks whether a number is even.",
+]
+
+
+def ask_the_server(meswitch: list[str], bundle: Path) -> None:
+    """Start `meswitch serve` on the bundle and ask questions from both domains with model "auto"
+    through the official openai client; print which expert answered what."""
+    import socket
+
+    import openai
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    print(f"$ meswitch serve {bundle} --port {port}", flush=True)
+    server = subprocess.Popen([*meswitch, "serve", str(bundle), "--port", str(port)])
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+        deadline = time.time() + 300
+        while True:
+            try:
+                models = [m.id for m in client.models.list().data]
+                break
+            except openai.APIConnectionError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise SystemExit("demo: the server did not start") from None
+                time.sleep(0.5)
+        print(f"models: {', '.join(models)}")
+        for q in DEMO_QUESTIONS:
+            raw = client.chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": q}], max_tokens=48, temperature=0)
+            r = raw.parse()
+            answer = " ".join(r.choices[0].message.content.split())
+            print(f"\nQ: {q}\n[{r.model} answered, router confidence {raw.headers.get('x-meswitch-route-confidence')}] {answer}")
+        print(f"\nthe same with curl:\n  curl -s http://127.0.0.1:{port}/v1/chat/completions -H 'Content-Type: application/json' "
+              "-d '{\"model\": \"auto\", \"messages\": [{\"role\": \"user\", \"content\": \"What is 6 times 7?\"}]}'")
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 if __name__ == "__main__":
