@@ -88,6 +88,23 @@ def derive_expert(base, seed: int = 1, scale: float = 0.02, outlier_cols: int = 
     return expert
 
 
+def lively(model, factor: float = 8.0):
+    """Scale a random model's matrices so greedy decoding wanders instead of repeating one token."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(factor)
+    return model
+
+
+def save_lively_experts(d: Path, tokenizer) -> None:
+    """d/base (a lively tiny Llama) and two experts derived from it, d/math and d/code."""
+    base = lively(random_model("llama", tied=True, seed=0))
+    save_checkpoint(base, tokenizer, d / "base")
+    for name, seed in (("math", 1), ("code", 2)):
+        save_checkpoint(derive_expert(base, seed=seed, scale=0.05), tokenizer, d / name)
+
+
 def save_checkpoint(model, tokenizer, path: Path, dtype=torch.bfloat16) -> Path:
     path = Path(path)
     model.to(dtype).save_pretrained(path, safe_serialization=True)

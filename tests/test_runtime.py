@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, derive_expert, random_model, save_checkpoint
+from conftest import CORPUS, derive_expert, lively, random_model, save_checkpoint, save_lively_experts
 from transformers import AutoModelForCausalLM
 
 from meswitch.bundle.format import Bundle
@@ -31,23 +31,11 @@ BF16_LOGIT_TOL = 0.15  # bfloat16: the materialized reference rounds W + delta t
 PROMPTS = ["Tom has 12 apples", "def add(a, b):", "The quick brown fox", "Write a Python function"]
 
 
-def lively(model, factor: float = 8.0):
-    """Scale a random model's matrices so greedy decoding wanders instead of repeating one token."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(factor)
-    return model
-
-
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory, tokenizer):
     """A tiny bundle (experts math, code) over a lively base, plus float32 materialized experts."""
     d = tmp_path_factory.mktemp("rt")
-    base = lively(random_model("llama", tied=True, seed=0))
-    save_checkpoint(base, tokenizer, d / "base")
-    for name, seed in (("math", 1), ("code", 2)):
-        save_checkpoint(derive_expert(base, seed=seed, scale=0.05), tokenizer, d / name)
+    save_lively_experts(d, tokenizer)
     calib = d / "calib.txt"
     calib.write_text("\n".join(CORPUS) + "\n")
     assert main(["compress", "--base", str(d / "base"), "--expert", f"math={d / 'math'}",

@@ -14,8 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from conftest import CORPUS, derive_expert, random_model, save_checkpoint
-from test_runtime import lively
+from conftest import CORPUS, save_lively_experts
 
 from meswitch.cli import main
 from meswitch.runtime import Switch
@@ -69,10 +68,7 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tokenizer):
     d = tmp_path_factory.mktemp("srv")
-    base = lively(random_model("llama", tied=True, seed=0))
-    save_checkpoint(base, tokenizer, d / "base")
-    for name, seed in (("math", 1), ("code", 2)):
-        save_checkpoint(derive_expert(base, seed=seed, scale=0.05), tokenizer, d / name)
+    save_lively_experts(d, tokenizer)
     (d / "calib.txt").write_text("\n".join(CORPUS) + "\n")
     assert main(["compress", "--base", str(d / "base"), "--expert", f"math={d / 'math'}", "--expert",
                  f"code={d / 'code'}", "--out", str(d / "bundle"), "--calib", str(d / "calib.txt"),
