@@ -110,6 +110,8 @@ def main() -> None:
     p.add_argument("--curve", metavar="N,N,...", help="instead: embed vs lexical accuracy for these numbers of "
                                                      "examples per expert (writes OUT_examples.{md,json})")
     p.add_argument("--curve-test", type=int, default=300, help="--curve: queries per held-out set")
+    p.add_argument("--reuse", action="store_true", help="reuse routers already trained in --workdir")
+    p.add_argument("--latency-only", action="store_true", help="measure latency only (writes OUT_latency.{md,json})")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -131,6 +133,12 @@ def main() -> None:
     routers, results = {}, {}
     for backend in backends:
         bdir = work / backend
+        if args.reuse and (bdir / "manifest.json").is_file() and Bundle.open(bdir).manifest.get("router"):
+            routers[backend] = Router.load(Bundle.open(bdir), model=model, tokenizer=tokenizer)
+            results[backend] = {"train_seconds": Bundle.open(bdir).manifest["router"]["metrics"].get("train_seconds"),
+                                "reused": True}
+            print(f"[{backend}] reusing the router trained in {bdir}", flush=True)
+            continue
         if bdir.exists():
             import shutil
 
@@ -147,6 +155,9 @@ def main() -> None:
         router = Router.load(Bundle.open(bdir), model=model, tokenizer=tokenizer)
         routers[backend] = router
         res = {"train_seconds": round(train_s, 1), "train_metrics": entry.get("metrics", {}), "sets": {}}
+        results[backend] = res
+        if args.latency_only:
+            continue
         pooled_true, pooled_pred = [], []
         for name, item in test.items():
             if item is None:
@@ -172,7 +183,6 @@ def main() -> None:
             print(f"[{backend}] {name}: accuracy {m['accuracy']:.4f} (n={len(texts)})", flush=True)
         pm = classification_metrics(pooled_true, pooled_pred, len(LABELS))
         res["heldout"] = {"n": pm["n"], "accuracy": pm["accuracy"], "macro_f1": pm["macro_f1"], "confusion": pm["confusion"]}
-        results[backend] = res
 
     # Latency: one route() per query, backends interleaved on the same queries.
     pool = [t for name, item in test.items() if item for t in item[1][:200]] + [t for lab in LABELS for t in SHORT[lab]]
@@ -197,7 +207,17 @@ def main() -> None:
            "base_train_per_class": args.base_train_per_class, "base": str(args.base)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.latency_only:
+        out = Path(args.out + "_latency")
+        out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
+    if args.latency_only:
+        md = "| backend | p50 ms | p99 ms | mean ms |\n| --- | ---: | ---: | ---: |\n" + "".join(
+            f"| {b} | {r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} | {r['latency_ms']['mean']:.2f} |\n"
+            for b, r in results.items())
+        out.with_suffix(".md").write_text(md)
+        print(md)
+        return
     md = table(results, test)
     md += (f"\n{env['cpus']} CPUs, torch threads {env['torch_threads']}, 1-min load average "
            f"{load_before[0]:.1f} -> {load_after[0]:.1f} during the latency run; {args.train_per_class} training examples "
