@@ -15,7 +15,8 @@ Accuracy is the most probable expert (no threshold); latency is one `Router.rout
 (model loaded, one query at a time, as a server routes), measured for all backends interleaved on
 the same queries so that they share the machine's load.
 
-    .venv/bin/python benchmarks/router.py [--base .cache/demo/base] [--train-per-class 1500]
+    .venv/bin/python benchmarks/router.py [--base .cache/demo/base] [--train-per-class 1000]
+    .venv/bin/python benchmarks/router.py --curve 32,64,200,1000    # accuracy vs examples per expert
 """
 from __future__ import annotations
 
@@ -96,14 +97,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=str(ROOT / ".cache" / "demo" / "base"))
     p.add_argument("--backends", default="embed,lexical,base,zeroshot")
-    p.add_argument("--train-per-class", type=int, default=1500)
-    p.add_argument("--heldout", type=int, default=600, help="held-out CodeAlpaca and Alpaca rows (each)")
-    p.add_argument("--zeroshot-limit", type=int, default=150, help="queries per held-out set for zero-shot (slow)")
-    p.add_argument("--base-limit", type=int, default=500, help="queries per held-out set for the base backend")
-    p.add_argument("--latency-queries", type=int, default=200)
+    p.add_argument("--train-per-class", type=int, default=1000)
+    p.add_argument("--heldout", type=int, default=500, help="held-out CodeAlpaca and Alpaca rows (each)")
+    p.add_argument("--zeroshot-limit", type=int, default=100, help="queries per held-out set for zero-shot (slow)")
+    p.add_argument("--base-limit", type=int, default=300, help="queries per held-out set for the base backend")
+    p.add_argument("--base-train-per-class", type=int, default=300,
+                   help="training examples per expert for the base backend (a 135M-parameter model on 2 CPUs)")
+    p.add_argument("--latency-queries", type=int, default=120)
     p.add_argument("--workdir", default=str(ROOT / ".cache" / "router-bench"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "router"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--curve", metavar="N,N,...", help="instead: embed vs lexical accuracy for these numbers of "
+                                                     "examples per expert (writes OUT_examples.{md,json})")
+    p.add_argument("--curve-test", type=int, default=300, help="--curve: queries per held-out set")
+    p.add_argument("--reuse", action="store_true", help="reuse routers already trained in --workdir")
+    p.add_argument("--latency-only", action="store_true", help="measure latency only (writes OUT_latency.{md,json})")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -111,6 +119,9 @@ def main() -> None:
     backends = args.backends.split(",")
     train, test = load_data(args.train_per_class, args.heldout, args.seed)
     test["short / paraphrased"] = None
+    if args.curve:
+        curve(args, train, test)
+        return
     work = Path(args.workdir)
     model = tokenizer = None
     if {"base", "zeroshot"} & set(backends):
@@ -122,6 +133,12 @@ def main() -> None:
     routers, results = {}, {}
     for backend in backends:
         bdir = work / backend
+        if args.reuse and (bdir / "manifest.json").is_file() and Bundle.open(bdir).manifest.get("router"):
+            routers[backend] = Router.load(Bundle.open(bdir), model=model, tokenizer=tokenizer)
+            results[backend] = {"train_seconds": Bundle.open(bdir).manifest["router"]["metrics"].get("train_seconds"),
+                                "reused": True}
+            print(f"[{backend}] reusing the router trained in {bdir}", flush=True)
+            continue
         if bdir.exists():
             import shutil
 
@@ -129,12 +146,18 @@ def main() -> None:
         bundle = make_bundle(bdir, Path(args.base).resolve())
         print(f"[{backend}] training", flush=True)
         t0 = time.perf_counter()
-        entry = train_router(bundle, backend, queries=None if backend == "zeroshot" else train,
+        queries = None if backend == "zeroshot" else train
+        if backend == "base":
+            queries = {lab: ts[: args.base_train_per_class] for lab, ts in train.items()}
+        entry = train_router(bundle, backend, queries=queries,
                              model=model, tokenizer=tokenizer, threshold=0.0)
         train_s = time.perf_counter() - t0
         router = Router.load(Bundle.open(bdir), model=model, tokenizer=tokenizer)
         routers[backend] = router
         res = {"train_seconds": round(train_s, 1), "train_metrics": entry.get("metrics", {}), "sets": {}}
+        results[backend] = res
+        if args.latency_only:
+            continue
         pooled_true, pooled_pred = [], []
         for name, item in test.items():
             if item is None:
@@ -160,7 +183,6 @@ def main() -> None:
             print(f"[{backend}] {name}: accuracy {m['accuracy']:.4f} (n={len(texts)})", flush=True)
         pm = classification_metrics(pooled_true, pooled_pred, len(LABELS))
         res["heldout"] = {"n": pm["n"], "accuracy": pm["accuracy"], "macro_f1": pm["macro_f1"], "confusion": pm["confusion"]}
-        results[backend] = res
 
     # Latency: one route() per query, backends interleaved on the same queries.
     pool = [t for name, item in test.items() if item for t in item[1][:200]] + [t for lab in LABELS for t in SHORT[lab]]
@@ -181,15 +203,66 @@ def main() -> None:
 
     env = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_avg_1min": [load_before[0], load_after[0]],
            "train_per_class": args.train_per_class, "heldout_per_set": args.heldout,
-           "zeroshot_limit": args.zeroshot_limit, "base_limit": args.base_limit, "base": str(args.base)}
+           "zeroshot_limit": args.zeroshot_limit, "base_limit": args.base_limit,
+           "base_train_per_class": args.base_train_per_class, "base": str(args.base)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.latency_only:
+        out = Path(args.out + "_latency")
+        out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
+    if args.latency_only:
+        md = "| backend | p50 ms | p99 ms | mean ms |\n| --- | ---: | ---: | ---: |\n" + "".join(
+            f"| {b} | {r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} | {r['latency_ms']['mean']:.2f} |\n"
+            for b, r in results.items())
+        out.with_suffix(".md").write_text(md)
+        print(md)
+        return
     md = table(results, test)
     md += (f"\n{env['cpus']} CPUs, torch threads {env['torch_threads']}, 1-min load average "
            f"{load_before[0]:.1f} -> {load_after[0]:.1f} during the latency run; {args.train_per_class} training examples "
-           f"per expert; `base` on the first {args.base_limit} and zero-shot on the first {args.zeroshot_limit} queries of each "
+           f"per expert (`base`: {args.base_train_per_class}); `base` on the first {args.base_limit} and zero-shot on the first {args.zeroshot_limit} queries of each "
            f"held-out set (all short / paraphrased queries).\n")
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+def curve(args, train: dict, test: dict) -> None:
+    """Accuracy against the number of examples per expert, embed vs lexical: features are computed
+    once (the first --curve-test queries of each held-out set, all short queries) and a head is
+    trained on the first n examples of each expert for each n (the router's own train_head)."""
+    from meswitch.router.backends import LexicalEncoder
+    from meswitch.router.core import embed_encoder
+    from meswitch.router.head import train_head
+
+    sizes = [int(x) for x in args.curve.split(",")]
+    pool = {lab: train[lab][: max(sizes)] for lab in LABELS}
+    sets = {name: (item[1][: args.curve_test], [item[0]] * len(item[1][: args.curve_test])) if item else
+            ([t for lab in LABELS for t in SHORT[lab]], [lab for lab in LABELS for _ in SHORT[lab]])
+            for name, item in test.items()}
+    enc = embed_encoder()
+    feats = {lab: enc.encode(pool[lab], progress=True) for lab in LABELS}
+    test_feats = {name: enc.encode(texts, progress=True) for name, (texts, _) in sets.items()}
+    rows = []
+    for n in sizes:
+        y = np.array([i for i, lab in enumerate(LABELS) for _ in pool[lab][:n]])
+        texts = [t for lab in LABELS for t in pool[lab][:n]]
+        head, _ = train_head(np.concatenate([feats[lab][:n] for lab in LABELS]), y, len(LABELS), seed=args.seed)
+        lex = LexicalEncoder().fit(texts)
+        lhead, _ = train_head(lex.encode(texts), y, len(LABELS), seed=args.seed)
+        row = {"examples_per_expert": n}
+        for name, (ts, labs) in sets.items():
+            yt = np.array([LABELS.index(lab) for lab in labs])
+            row[f"embed {name}"] = float((head.predict_proba(test_feats[name]).argmax(1) == yt).mean())
+            row[f"lexical {name}"] = float((lhead.predict_proba(lex.encode(ts)).argmax(1) == yt).mean())
+        rows.append(row)
+        print(row, flush=True)
+    out = Path(args.out + "_examples")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    cols = list(rows[0])
+    md = "| " + " | ".join(cols) + " |\n| ---: |" + " ---: |" * (len(cols) - 1) + "\n"
+    md += "".join("| " + " | ".join(str(r[c]) if c == cols[0] else f"{r[c]:.3f}" for c in cols) + " |\n" for r in rows)
     out.with_suffix(".md").write_text(md)
     print(md)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .backends import BACKENDS
 from .core import (
+    DEFAULT_BACKEND,
     DEFAULT_MAX_EXAMPLES,
     DEFAULT_SWITCH_CONFIDENCE,
     DEFAULT_THRESHOLD,
@@ -179,9 +180,9 @@ def add_router_commands(sub) -> None:
     t.add_argument("--examples", action="append", metavar="NAME=FILE",
                    help="example queries for an expert (.txt: one per line; .jsonl/.json: text/prompt/question/"
                         "instruction/messages); default: the calibration prompts stored at compression")
-    t.add_argument("--backend", choices=BACKENDS, default="embed",
-                   help="embed: MiniLM sentence embeddings + logistic regression (default); lexical: tf-idf word "
-                        "n-grams + logistic regression; base: the base LLM's "
+    t.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
+                   help="lexical: tf-idf word n-grams + logistic regression (default); embed: MiniLM sentence "
+                        "embeddings + logistic regression; base: the base LLM's "
                         "hidden states + logistic regression; zeroshot: a multiple-choice prompt to the base LLM")
     t.add_argument("--threshold", type=_probability, default=DEFAULT_THRESHOLD,
                    help=f"below this top probability a query goes to the fallback (default {DEFAULT_THRESHOLD})")

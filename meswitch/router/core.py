@@ -34,6 +34,7 @@ from .errors import RouterError
 from .head import Head, train_head
 
 ROUTER_DIR = "router"
+DEFAULT_BACKEND = "lexical"  # chosen by benchmarks/router.py: README "Routing: the backends side by side"
 FALLBACK_BASE = "base"
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_SWITCH_CONFIDENCE = 0.9
@@ -323,7 +324,7 @@ def _subsample(qs: list[Query], cap: int, seed: int) -> list[Query]:
     return [qs[i] for i in sorted(rng.choice(len(qs), cap, replace=False))]
 
 
-def train_router(bundle: Bundle, backend: str = "embed", *, examples: dict[str, str | Path] | None = None,
+def train_router(bundle: Bundle, backend: str = DEFAULT_BACKEND, *, examples: dict[str, str | Path] | None = None,
                  queries: dict[str, list[Query]] | None = None, threshold: float = DEFAULT_THRESHOLD,
                  fallback: str = FALLBACK_BASE, switch_confidence: float = DEFAULT_SWITCH_CONFIDENCE,
                  model=None, tokenizer=None, layer: int | None = None, max_tokens: int | None = None,
