@@ -7,7 +7,7 @@ its rows rotated (same sizes and statistics, different weights), for the memory 
 1. Resident memory (RSS of a fresh process, minus the same process with nothing loaded) with
    1, 4 and 16 experts, against N full 16-bit experts loaded the ordinary way
    (AutoModelForCausalLM.from_pretrained), and against the size of base + N compressed deltas.
-2. Cold switch: disk -> servable (packed load + compute-ready form) for one compressed expert,
+2. Cold switch: disk -> first token (packed load + compute-ready form + one token) for one expert,
    against loading the full expert checkpoint (from_pretrained; and safetensors.load_file +
    load_state_dict into a resident model, the fastest way to swap full weights).
 3. Decode throughput of 8 concurrent requests spread over 1, 2, 4 and 8 experts, against the
@@ -337,7 +337,7 @@ def markdown(res: dict) -> str:
                      f"{r['base_plus_deltas_mib']:.0f} MiB | {r['accounted_ratio']:.2f}x | {r['ratio_to_base_plus_deltas']:.2f}x | "
                      f"{r['full_experts_rss_mib']:.0f} MiB | {r['saving_vs_full']:.1f}x |")
     c = res["cold_switch"]
-    lines += ["", "## Cold switch (one expert, disk -> servable; page cache warm for both)", "",
+    lines += ["", "## Cold switch (one expert: disk -> first token; page cache warm for both)", "",
               "| path | seconds |", "| --- | ---: |",
               f"| meswitch: load packed delta + build compute-ready form + 1 token | {c['compressed_cold_s']:.3f} "
               f"(load {c['compressed_load_s']:.3f} + build {c['compressed_build_s']:.3f}) |",
