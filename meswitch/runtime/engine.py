@@ -217,27 +217,20 @@ class Engine:
             if self._waiting:
                 time.sleep(0.005)  # waiting on memory held by nobody running: prefetch in flight
             return
-        # Tokens of one expert must be contiguous: order by expert (base first), then arrival.
-        self._running.sort(key=lambda r: ("" if r.expert is None else "~" + r.expert, r.id))
-        budget = self.max_step_tokens
-        seqs, ids, work = [], [], []
+        # Decoding requests first (one token each), then prompt chunks in arrival order within
+        # the step's token budget.
+        decoding = [r for r in self._running if r.cursor == len(r.prompt_ids)]
+        work = [(r, [r.output_ids[-1]], r.cached, True) for r in decoding]
+        budget = self.max_step_tokens - len(work)
         for req in self._running:
-            if req.cursor < len(req.prompt_ids):
-                continue
-            seqs.append(req)
-        decode = set(id(r) for r in seqs)
-        # decoding requests first (one token each), then prompt chunks within the token budget
-        for req in self._running:
-            if id(req) in decode:
-                work.append((req, [req.output_ids[-1]], req.cached, True))
-                budget -= 1
-        for req in self._running:
-            if id(req) in decode or budget <= 0:
+            if req.cursor == len(req.prompt_ids) or budget <= 0:
                 continue
             chunk = req.prompt_ids[req.cursor: req.cursor + budget]
             budget -= len(chunk)
             work.append((req, chunk, req.cursor, req.cursor + len(chunk) == len(req.prompt_ids)))
+        # Tokens of one expert must be contiguous: order by expert (base first), then arrival.
         work.sort(key=lambda w: ("" if w[0].expert is None else "~" + w[0].expert, w[0].id))
+        ids = []
         segments, head_segments, keep = [], [], []
         pos = 0
         for req, toks, past, sample in work:

@@ -96,7 +96,7 @@ class DeltaLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        segs = self.ctx.for_rows(x.shape[-2] * (x.shape[0] if x.dim() == 3 else 1))
+        segs = self.ctx.for_rows(x[..., 0].numel())
         if not segs:
             return y
         x2 = x.reshape(-1, x.shape[-1])
@@ -135,7 +135,7 @@ class DeltaRMSNorm(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        segs = self.ctx.for_rows(x.shape[-2] * (x.shape[0] if x.dim() == 3 else 1))
+        segs = self.ctx.for_rows(x[..., 0].numel())
         if not any(self.path in exp.norm for exp, _, _ in segs):
             return self.base(x)
         # The Llama-family RMSNorm, written out so the normalized input is shared by all experts.
