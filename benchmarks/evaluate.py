@@ -200,7 +200,7 @@ def measure(model, heldout: list[tuple], teacher: list[torch.Tensor] | None) -> 
 class ExpertContext:
     """Everything computed once per expert and reused by all its variants."""
 
-    def __init__(self, work: Path, base_dir: Path, name: str, files, progress: bool):
+    def __init__(self, work: Path, base_dir: Path, name: str, files, progress: bool, tune_samples: int):
         from meswitch.checkpoints import Checkpoint, fingerprint
         from meswitch.compression.calibration import (collect_input_moments, load_samples,
                                                       next_token_logprobs, tokenize_samples)
@@ -220,7 +220,9 @@ class ExpertContext:
         t = time.time()
         model = self.expert.load_model(torch.float32)
         self.moments = collect_input_moments(model, self.calib, progress)
-        self.calib_lp = next_token_logprobs(model, self.calib, progress, "expert (calibration)", torch.float16)
+        # Distillation targets only for the samples tuning uses (float16: 25 MB per sample).
+        self.calib_lp = next_token_logprobs(model, self.calib[:tune_samples], progress, "expert (calibration)",
+                                            torch.float16)
         self.teacher = [answer_logprobs(model, ids, s).half() for ids, s in self.heldout]
         self.expert_metrics = measure(model, self.heldout, self.teacher)
         del model
@@ -330,6 +332,11 @@ def run_variants(ctx: ExpertContext, untuned: tuple, tuned: list[tuple]) -> None
 KEEP_BUNDLES = {"fp16", "mixed-2-tuned", "rtn-2", "bitdelta", "bitdelta-tuned", "mixed-3-tuned", "mixed-1-tuned"}
 
 
+def _tune_samples(name: str, ablate: list[str], max_priority: int) -> int:
+    steps = [v[4] for v in VARIANTS if v[5] <= max_priority and (v[5] < 3 or name in ablate)]
+    return min(CALIB, max(steps + [1]))
+
+
 def stage_compress(work: Path, base: Path, files, max_priority: int, experts: list[str], ablate: list[str],
                    progress: bool) -> None:
     # Priority by priority across experts: the main table is complete for every expert before
@@ -341,7 +348,7 @@ def stage_compress(work: Path, base: Path, files, max_priority: int, experts: li
         if not result_path(work, name, "base").is_file():
             contexts.clear()
             gc.collect()
-            contexts[name] = ExpertContext(work, base, name, files, progress)
+            contexts[name] = ExpertContext(work, base, name, files, progress, _tune_samples(name, ablate, max_priority))
         r = run_base(contexts[name]) if name in contexts else json.loads(result_path(work, name, "base").read_text())
         beats[name] = r["expert_metrics"]["ppl"] < r["base"]["ppl"] or NO_CHECK
         if not beats[name]:
@@ -356,7 +363,7 @@ def stage_compress(work: Path, base: Path, files, max_priority: int, experts: li
             if name not in contexts:
                 contexts.clear()  # one expert's cached distributions in memory at a time
                 gc.collect()
-                contexts[name] = ExpertContext(work, base, name, files, progress)
+                contexts[name] = ExpertContext(work, base, name, files, progress, _tune_samples(name, ablate, max_priority))
             ctx = contexts[name]
             # Group by compression (method, bits, salient): compress once, tune from it.
             groups: dict[tuple, list[tuple]] = {}
