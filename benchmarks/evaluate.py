@@ -131,12 +131,12 @@ def stage_finetune(work: Path, base: Path, files, experts: list[str]) -> None:
 DEFAULT_SALIENT = 0.01
 DEFAULT_TUNE = 32  # steps of one calibration sample each (as in `make demo`)
 VARIANTS = [
-    ("fp16", "fp16", 16, 0, 0, 1),
     ("mixed-2", "mixed", 2, DEFAULT_SALIENT, 0, 1),
     ("mixed-2-tuned", "mixed", 2, DEFAULT_SALIENT, DEFAULT_TUNE, 1),
     ("rtn-2", "rtn", 2, 0, 0, 1),
     ("bitdelta", "bitdelta", 1, 0, 0, 1),
     ("bitdelta-tuned", "bitdelta", 1, 0, DEFAULT_TUNE, 1),
+    ("fp16", "fp16", 16, 0, 0, 1),
     ("mixed-1", "mixed", 1, DEFAULT_SALIENT, 0, 2),
     ("mixed-1-tuned", "mixed", 1, DEFAULT_SALIENT, DEFAULT_TUNE, 2),
     ("rtn-1", "rtn", 1, 0, 0, 2),
