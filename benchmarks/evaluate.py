@@ -45,7 +45,7 @@ SEED = 0
 # 10%), bf16 autocast, response-only loss (scripts/finetune.py), seed 0. math's seq-len covers ~90%
 # of GSM8K answers whole. Sized for a shared 2-core CPU: one thread, about 35 min for all three.
 FINETUNE = {
-    "math": {"steps": 60, "batch": 4, "seq_len": 256, "lr": 5e-5},  # rerun short after an OOM kill
+    "math": {"steps": 50, "batch": 4, "seq_len": 256, "lr": 5e-5},  # short: a 150-step run was OOM-killed
     "code": {"steps": 150, "batch": 4, "seq_len": 256, "lr": 5e-5},
     "instructions": {"steps": 100, "batch": 4, "seq_len": 256, "lr": 5e-5},  # fewer: started last
 }
