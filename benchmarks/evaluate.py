@@ -649,7 +649,7 @@ def markdown(bases, rows, tasks, size, tgt) -> str:
         if not any(rs):
             continue
         bits = next(r["effective_bits"] for r in rs if r)
-        cells = "".join(f" {_f(r and 100 * r['gain_retained'], '.1f')}% | {_f(r and r['metrics']['kl'], '.4f')} | "
+        cells = "".join(f" {_f(r and 100 * r['gain_retained'], '.1f')}{'%' if r else ''} | {_f(r and r['metrics']['kl'], '.4f')} | "
                         f"{_f(r and r['metrics']['top1_agreement'], '.3f')} |" for r in rs)
         L.append(f"| {v} | {bits:.3f} |{cells}")
     if tasks:
@@ -673,7 +673,8 @@ def markdown(bases, rows, tasks, size, tgt) -> str:
             L.append(f"- {n}: {t['effective_bits']:.3f} bits ({'<=' if t['bits_ok'] else '>'} 2.5), gain retained "
                      f"{100 * t['gain_retained']:.1f}% ({'>=' if t['gain_ok'] else '<'} 95%), "
                      + ("beats every rtn/bitdelta variant at <= its bits" if not lost else
-                        f"does not beat {', '.join(lost)} at <= its bits") + " on gain retained.")
+                        f"does not beat {', '.join(lost)} at <= its bits") + " on gain retained"
+                     + f" (measured rivals: {', '.join(sorted(t['beats'])) or 'none'}).")
     return "\n".join(L) + "\n"
 
 
