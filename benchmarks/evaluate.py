@@ -692,21 +692,26 @@ def plot(bases, rows, path: Path) -> None:
               "bitdelta, tuned": lambda r: r["method"] == "bitdelta" and r["tune_steps"],
               "fp16": lambda r: r["method"] == "fp16"}
     markers = dict(zip(series, "o^sDvx"))
+    colors = dict(zip(series, ["C0", "C1", "C2", "C3", "C4", "C5"]))
+    handles = {}
     for ax, n in zip(axes[0], names):
         for label, pick in series.items():
             pts = sorted((r["effective_bits"], 100 * r["gain_retained"]) for r in rows if r["expert"] == n and pick(r))
             if pts:
-                ax.plot(*zip(*pts), marker=markers[label], label=label)
+                handles[label], = ax.plot(*zip(*pts), marker=markers[label], color=colors[label], label=label)
         ax.axhline(95, color="gray", ls=":", lw=1)
         ax.axvline(2.5, color="gray", ls=":", lw=1)
         ax.set_xscale("log", base=2)
+        ax.set_xlim(0.85, 20)
         ax.set_title(f"{n} expert")
         ax.set_xlabel("effective bits / parameter")
         ax.set_ylabel("fine-tuning gain retained (%)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    fig.legend([handles[k] for k in series if k in handles], [k for k in series if k in handles],
+               loc="lower center", ncol=len(handles), fontsize=8)
+    fig.subplots_adjust(bottom=0.22)
     fig.suptitle("SmolLM2-135M-Instruct experts: gain retained vs effective bits")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
 
 
