@@ -71,7 +71,7 @@ class DenseReady:
 ReadyDelta = Int4Ready | DenseReady
 
 
-def _unpack_int4_layout_probe() -> bool:
+def _int4_kernel_available() -> bool:
     """The CPU int4 kernel exists in this PyTorch build (2.5+ on x86/ARM)."""
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
@@ -82,7 +82,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, use_int4: bool | None = None):
-        self.use_int4 = _unpack_int4_layout_probe() if use_int4 is None else use_int4
+        self.use_int4 = _int4_kernel_available() if use_int4 is None else use_int4
 
     # ----- preparation ----------------------------------------------------------------------
     def prepare(self, delta: CompressedDelta, dtype: torch.dtype) -> ReadyDelta:

@@ -1,6 +1,8 @@
 """Prometheus metrics of one server (its own registry: several apps can live in one process)."""
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -25,7 +27,7 @@ class SwitchCollector:
                            ("steps", "engine steps (forward passes)"),
                            ("tokens_generated", "tokens generated"),
                            ("prompt_tokens", "prompt tokens prefilled")):
-            yield CounterMetricFamily(f"meswitch_{key}", help_, value=float(s[key if key in s else key]))
+            yield CounterMetricFamily(f"meswitch_{key}", help_, value=float(s[key]))
         yield GaugeMetricFamily("meswitch_expert_memory_bytes", "bytes of expert deltas in RAM (packed + compute-ready)",
                                 value=float(s["expert_memory_bytes"]))
         yield GaugeMetricFamily("meswitch_kv_cache_bytes", "bytes of the KV cache", value=float(s["kv_cache_bytes"]))
@@ -38,8 +40,6 @@ class SwitchCollector:
         yield g
         try:
             with open("/proc/self/statm") as f:
-                import os
-
                 rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
             yield GaugeMetricFamily("meswitch_process_resident_bytes", "resident memory of the server", value=float(rss))
         except OSError:
