@@ -606,8 +606,10 @@ def score_task(domain: str, outs: list[str], files) -> dict:
         rows = read_jsonl(files["instructions"]["heldout"])
         scores = [rouge_l(o, r["response"]) for o, r in zip(outs, rows)]
         task = "alpaca_rougeL_f1"
-    return {"task": task, "n": len(outs), "accuracy": sum(scores) / len(outs), "correct": int(sum(scores)),
-            "outputs": outs, "scores": scores}
+    r = {"task": task, "n": len(outs), "accuracy": sum(scores) / len(outs), "outputs": outs, "scores": scores}
+    if domain != "instructions":  # pass / fail items; ROUGE-L is a mean score, with no count
+        r["correct"] = int(sum(scores))
+    return r
 
 
 def rescore_tasks(work: Path, files) -> None:
@@ -617,6 +619,7 @@ def rescore_tasks(work: Path, files) -> None:
         new = score_task(t["domain"], t["outputs"], files)
         if new["scores"] != t["scores"]:
             log(f"[{t['domain']}] rescored {t['model']}: {t['accuracy']:.4f} -> {new['accuracy']:.4f}")
+        t.pop("correct", None)
         t.update(new)
         save_json(path, t)
 
