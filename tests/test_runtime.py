@@ -13,7 +13,6 @@ import json
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 from conftest import CORPUS, derive_expert, lively, random_model, save_checkpoint, save_lively_experts
@@ -24,7 +23,6 @@ from meswitch.cli import main
 from meswitch.compression.packing import pack_codes, unpack_codes, unpack_codes_reference
 from meswitch.runtime import MemoryBudgetError, QueueFullError, RequestError, Switch, parse_memory
 from meswitch.runtime.attention import KVCache, RaggedBatch
-from meswitch.runtime.backend import TorchBackend, int4_layout_from_codes
 
 FP32_LOGIT_TOL = 1e-4  # float32: same math, other summation order
 BF16_LOGIT_TOL = 0.15  # bfloat16: the materialized reference rounds W + delta to 8 mantissa bits
@@ -62,7 +60,7 @@ def hf_greedy(model, ids, n):
     return out[0, len(ids):].tolist()
 
 
-# ----- packing and the int4 backend ---------------------------------------------------------------
+# ----- packing ---------------------------------------------------------------
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_fast_unpacking_matches_the_bitstream_definition(bits):
     g = torch.Generator().manual_seed(bits)
@@ -71,35 +69,6 @@ def test_fast_unpacking_matches_the_bitstream_definition(bits):
         packed = pack_codes(codes, bits)
         assert torch.equal(unpack_codes(packed, bits, cols), unpack_codes_reference(packed, bits, cols))
         assert torch.equal(unpack_codes(packed, bits, cols), codes)
-
-
-@pytest.mark.parametrize("shape", [(64, 64), (128, 96), (1536, 576)])
-def test_numpy_int4_layout_is_the_aten_layout(shape):
-    codes = torch.randint(0, 16, shape, dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    assert np.array_equal(int4_layout_from_codes(codes.to(torch.uint8).numpy()), ref.numpy())
-
-
-@pytest.mark.parametrize("bits,salient,group", [(2, 5, 0), (1, 0, 0), (3, 3, 0), (4, 0, 32), (2, 0, 64), (8, 2, 0)])
-@pytest.mark.parametrize("rows", [64, 96, 40])
-def test_backend_matmul_equals_the_dequantized_delta(bits, salient, group, rows):
-    from meswitch.compression.methods import CompressionSpec, compress_matrix
-
-    g = torch.Generator().manual_seed(rows + bits)
-    delta = torch.randn(rows, 128, generator=g) * 0.01
-    spec = CompressionSpec(method="mixed" if salient else "rtn", bits=bits, salient=salient, group_size=group).validate()
-    d = compress_matrix(delta, spec, torch.rand(128, generator=g) + 0.1)
-    be = TorchBackend()
-    want_int4 = bits <= 4 and rows % 32 == 0 and (group == 0 or salient == 0)
-    ready = be.prepare(d, torch.bfloat16)
-    assert (type(ready).__name__ == "Int4Ready") == want_int4
-    assert be.ready_nbytes(d, torch.bfloat16) == ready.nbytes
-    for tokens in (1, 3, 200):  # 200: the dequantize-then-GEMM route
-        x = torch.randn(tokens, 128, generator=g).to(torch.bfloat16)
-        want = x.float() @ d.dequantize().t()
-        got = be.matmul(x, ready).float()
-        assert (got - want).abs().max() <= 0.02 * want.abs().max() + 1e-4
-    assert torch.equal(be.gather_rows(d, torch.tensor([3, 0])), d.dequantize()[[3, 0]])
 
 
 # ----- exactness of the delta layers -------------------------------------------------------------
@@ -119,7 +88,7 @@ def ragged_logits(sw, requests):
     cache = KVCache(sw.model.config.num_hidden_layers, len(requests), sw.model.config.num_key_value_heads,
                     sw.model.config.hidden_size // sw.model.config.num_attention_heads, sw.dtype, 256)
     batch = RaggedBatch.build(cache, [(i, 0, len(requests[i][1])) for i in order])
-    eng.ctx.set(segs, len(ids), segs)
+    eng.ctx.set(segs, len(ids), segs, len(ids))
     try:
         with torch.inference_mode():
             logits = sw.model(input_ids=torch.tensor([ids]), position_ids=batch.positions.unsqueeze(0),
@@ -151,7 +120,7 @@ def test_mixed_forward_matches_each_materialized_expert_float32(rt, sw32):
 
 def test_bfloat16_forward_is_within_rounding_of_the_materialized_expert(rt):
     with Switch.load(rt / "bundle", dtype="bfloat16") as sw:
-        assert type(next(iter(sw.store.try_acquire("math").linear.values()))).__name__ == "Int4Ready"
+        assert type(next(r for r in sw.store.try_acquire("math").linear if r is not None)).__name__ == "PackedDelta"
         sw.store.release("math")
         reqs = [(e, sw.encode(p, e)) for e, p in zip(["math", "code"], PROMPTS)]
         for (expert, ids), logits in zip(reqs, ragged_logits(sw, reqs)):
@@ -346,19 +315,21 @@ def test_experts_added_and_removed_at_run_time(rt, tmp_path, tokenizer):
     import shutil
 
     shutil.copytree(rt / "bundle", tmp_path / "live")
+    with Switch.load(other, dtype="float32") as alone:  # the expert served from its own bundle
+        poet_alone = alone.generate(PROMPTS[0], expert="poet", temperature=0, max_tokens=8).token_ids
     with Switch.load(tmp_path / "live", dtype="float32") as sw:
-        before = sw.generate(PROMPTS[0], expert="math", temperature=0, max_tokens=4)
+        code_before = sw.generate(PROMPTS[1], expert="code", temperature=0, max_tokens=8).token_ids
         sw.add_expert("poet", other)
         assert sw.experts == ["code", "math", "poet"] and sw.description("poet") == "poems"
-        assert sw.generate(PROMPTS[0], expert="poet", temperature=0, max_tokens=4).finish_reason == "length"
+        assert sw.generate(PROMPTS[0], expert="poet", temperature=0, max_tokens=8).token_ids == poet_alone
         sw.remove_expert("math")
         with pytest.raises(RequestError, match="unknown expert 'math'"):
             sw.generate("x", expert="math")
-        assert sw.generate(PROMPTS[0], expert="code", max_tokens=2).finish_reason == "length"
+        assert sw.generate(PROMPTS[1], expert="code", temperature=0, max_tokens=8).token_ids == code_before
+    assert len(set(poet_alone)) > 2 and poet_alone != code_before
     b = Bundle.open(tmp_path / "live")
     assert sorted(b.experts) == ["code", "poet"] and not (tmp_path / "live/experts/math.safetensors").exists()
     b.verify_files("poet")
-    assert before.completion_tokens == 4
     # a bundle built on another base is refused
     base2 = random_model(seed=99)
     save_checkpoint(base2, tokenizer, tmp_path / "base2")

@@ -244,7 +244,7 @@ class Engine:
             pos += len(toks)
         batch = RaggedBatch.build(self.cache, [(req.slot, past, len(toks)) for req, toks, past, _ in work])
         t0 = time.perf_counter()
-        self.ctx.set(segments, len(ids), head_segments)
+        self.ctx.set(segments, len(ids), head_segments, max(1, len(keep)))
         try:
             with torch.inference_mode():
                 logits = self.model(

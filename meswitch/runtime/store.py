@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..bundle.format import Bundle, BundleError
 from ..compression.delta import CompressedDelta
-from .backend import TorchBackend
+from .backend import DeltaBackend
 from .layers import HotExpert, build_hot_expert
 
 
@@ -70,7 +70,7 @@ def _packed_bytes(deltas: dict[str, CompressedDelta]) -> int:
 
 
 class ExpertStore:
-    def __init__(self, bundle: Bundle, wrapped: dict, backend: TorchBackend, dtype, tied: bool,
+    def __init__(self, bundle: Bundle, wrapped: dict, backend: DeltaBackend, dtype, tied: bool,
                  max_memory: int | None = None, verify: bool = True):
         self.bundle = bundle
         self.wrapped = wrapped

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from ..bundle.format import Bundle, BundleError, check_expert_name
-from ..checkpoints import DTYPES, Checkpoint, fingerprint
+from ..checkpoints import Checkpoint, fingerprint
+from ..hardware import resolve_dtype
 from .attention import register_attention
 from .backend import get_backend
 from .engine import Completion, Engine, Request, RequestError, SamplingParams
@@ -45,19 +46,19 @@ class Switch:
     # ----- construction ------------------------------------------------------------------------
     @classmethod
     def load(cls, bundle: str | os.PathLike | Bundle, base: str | os.PathLike | None = None, *,
-             dtype: str | torch.dtype = "bfloat16", max_memory: str | int | None = None, max_batch: int = 8,
+             dtype: str | torch.dtype = "auto", max_memory: str | int | None = None, max_batch: int = 8,
              max_queue: int = 256, max_step_tokens: int = 512, max_model_len: int | None = None,
-             backend: str = "torch", threads: int | None = None, verify: bool = True,
+             backend: str = "auto", threads: int | None = None, verify: bool = True,
              base_fingerprint_check: bool = True, start: bool = True) -> "Switch":
         """Load the base once and open the bundle; experts are read when first needed.
 
         base: the base checkpoint (default: the path recorded in the bundle); it must be the
-        base the deltas were computed against (checked by fingerprint)."""
+        base the deltas were computed against (checked by fingerprint).
+        dtype: "auto" (bfloat16 where the CPU has native bf16, else float32; meswitch.hardware),
+        "float32" (greedy output equals the materialized expert's), "bfloat16" or "float16".
+        backend: "auto", "cpu" or "reference" (runtime/backend.py)."""
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-            dtype = DTYPES[dtype]
+        dtype = resolve_dtype(dtype)
         if threads:
             torch.set_num_threads(threads)
         ref = base or b.manifest["base"].get("reference")
@@ -69,9 +70,9 @@ class Switch:
         model = ckpt.load_model(dtype)
         model.set_attn_implementation(register_attention())
         tokenizer = ckpt.load_tokenizer()
-        ctx = DeltaContext()
         be = get_backend(backend)
-        wrapped = install_delta_layers(model, ctx, be)
+        ctx = DeltaContext(be)
+        wrapped = install_delta_layers(model, ctx)
         store = ExpertStore(b, wrapped, be, dtype, tied=bool(model.config.tie_word_embeddings),
                             max_memory=parse_memory(max_memory), verify=verify)
         engine = Engine(model, store, ctx, max_batch=max_batch, max_queue=max_queue,

@@ -5,6 +5,9 @@ import logging
 import os
 import sys
 
+from ..hardware import DTYPE_CHOICES
+from ..runtime.backend import BACKENDS
+
 
 def add_parser(sub) -> None:
     s = sub.add_parser("serve", help="serve a bundle over an OpenAI-compatible HTTP API")
@@ -17,7 +20,12 @@ def add_parser(sub) -> None:
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache slots)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    s.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast, default), float32 (exact) or float16")
+    s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="compute dtype: auto (default: bfloat16 where the CPU has native bf16, else float32), "
+                        "float32 (exact), bfloat16 or float16")
+    s.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="delta compute backend: cpu (meswitch's kernel on the stored codes), reference "
+                        "(dense deltas), auto (cpu when its kernel builds)")
     s.add_argument("--base", default=None, help="base checkpoint (default: the path recorded in the bundle)")
     s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     s.add_argument("--no-router", action="store_true", help="do not load the bundle's router (model 'auto' is refused)")
@@ -45,7 +53,8 @@ def cmd_serve(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sw = Switch.load(args.bundle, args.base, dtype=args.dtype, max_memory=args.max_memory, max_batch=args.max_batch,
-                     max_queue=args.max_queue, max_model_len=args.max_model_len, threads=args.threads)
+                     max_queue=args.max_queue, max_model_len=args.max_model_len, threads=args.threads,
+                     backend=args.backend)
     router = None if args.no_router else load_router(sw)
     app = create_app(sw, router=router, api_key=args.api_key)
     print(f"meswitch: serving {len(sw.experts)} experts ({', '.join(sw.experts)}) + base"
