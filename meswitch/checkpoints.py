@@ -243,8 +243,13 @@ def load_gguf_model(f: Path):
     return model.eval()
 
 
-def convert_gguf(src: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write a GGUF model as a Hugging Face safetensors directory (config, tokenizer, chat template)."""
+def convert_gguf(src: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                 overwrite: bool = False) -> Path:
+    """Write a GGUF model as a Hugging Face safetensors directory (config, tokenizer, chat template).
+    An existing non-empty `out` is refused unless `overwrite`; it is replaced only once the new
+    directory is complete."""
+    from .files import check_output_dir, replace_dir, temp_path
+
     src = Path(src)
     out = Path(out)
     if src.is_dir():
@@ -254,17 +259,20 @@ def convert_gguf(src: str | os.PathLike, out: str | os.PathLike, dtype: torch.dt
         src = ggufs[0]
     if src.suffix != ".gguf" or not src.is_file():
         raise CheckpointError(f"{src}: not a .gguf file")
+    check_output_dir(out, overwrite, protect=(src,))
     from transformers import AutoTokenizer
 
     model = load_gguf_model(src).to(dtype)
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(out.parent, out.name)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

@@ -105,6 +105,13 @@ def save_lively_experts(d: Path, tokenizer) -> None:
         save_checkpoint(derive_expert(base, seed=seed, scale=0.05), tokenizer, d / name)
 
 
+def flip_byte(path: Path, offset: int = -1) -> None:
+    """Corrupt a file in place: one byte changed."""
+    data = bytearray(Path(path).read_bytes())
+    data[offset] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+
+
 def save_checkpoint(model, tokenizer, path: Path, dtype=torch.bfloat16) -> Path:
     path = Path(path)
     model.to(dtype).save_pretrained(path, safe_serialization=True)

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import flip_byte
 
 from meswitch.bundle.format import EXAMPLES_FILE, Bundle, new_manifest, sha256_file
 from meswitch.cli import main
@@ -138,9 +139,7 @@ def test_corrupted_router_file_is_refused(embed_bundle, tmp_path):
     shutil.copytree(embed_bundle, copy)
     b = Bundle.open(copy)
     f = copy / b.manifest["router"]["weights"]
-    data = bytearray(f.read_bytes())
-    data[-1] ^= 0xFF
-    f.write_bytes(bytes(data))
+    flip_byte(f)
     with pytest.raises(RouterError, match="corrupted"):
         Router.load(b)
     f.unlink()
@@ -382,7 +381,7 @@ def test_compress_stores_calibration_prompts_as_default_examples(tmp_path, tiny_
                  "--calib", f"code={calib_code}", "--calib-samples", "4", "--out", str(out)]) == 0
     b = Bundle.open(out)
     for name, texts in (("math", MATH), ("code", CODE)):
-        rel = f"experts/{name}/{EXAMPLES_FILE}"
+        rel = f"{b.experts[name]['aux_dir']}/{EXAMPLES_FILE}"
         assert rel in b.experts[name]["files"]
         assert load_queries(out / rel) == texts  # all prompts (not only --calib-samples), user side only
     b.verify_files("math")

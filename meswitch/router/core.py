@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle.format import EXAMPLES_FILE, Bundle, sha256_file
+from ..bundle.format import EXAMPLES_FILE, ROUTER_DIR, Bundle, BundleError, sha256_file
+from ..files import durable_replace, fsync_path, remove_path
 from .backends import (
     BACKENDS,
     BaseEncoder,
@@ -33,7 +34,6 @@ from .data import Query, load_queries, query_text, user_turns
 from .errors import RouterError
 from .head import Head, train_head
 
-ROUTER_DIR = "router"
 DEFAULT_BACKEND = "lexical"  # chosen by benchmarks/router.py: README "Routing: the backends side by side"
 FALLBACK_BASE = "base"
 DEFAULT_THRESHOLD = 0.5
@@ -203,7 +203,10 @@ def _verified(bundle: Bundle, entry: dict, rel: str | None) -> Path:
     """A router file of the bundle, checked against the manifest's SHA-256."""
     if not rel:
         raise RouterError(f"bundle {bundle.path}: the router entry names no file for its weights/vocabulary")
-    f = bundle.path / rel
+    try:
+        f = bundle.resolve(rel, ROUTER_DIR)
+    except BundleError as e:
+        raise RouterError(str(e)) from e
     if not f.is_file():
         raise RouterError(f"router file {rel} is missing from bundle {bundle.path}")
     digest = (entry.get("files") or {}).get(rel)
@@ -224,10 +227,12 @@ def load_head(bundle: Bundle, entry: dict) -> tuple[Head, dict[str, np.ndarray]]
 
 
 def _place(bundle: Bundle, tmp: Path, stem: str, suffix: str) -> tuple[str, str]:
-    """Rename a written file to router/<stem>-<sha256 prefix><suffix>; returns (path, sha256)."""
+    """Rename a written file to router/<stem>-<sha256 prefix><suffix> (bundle lock held);
+    returns (path, sha256)."""
     digest = sha256_file(tmp)
     rel = f"{ROUTER_DIR}/{stem}-{digest[:16]}{suffix}"
-    tmp.replace(bundle.path / rel)
+    fsync_path(tmp)
+    durable_replace(tmp, bundle.resolve(rel, ROUTER_DIR))
     return rel, digest
 
 
@@ -240,30 +245,33 @@ def save_router(bundle: Bundle, entry: dict, head: Head | None, extra: dict[str,
 
     from ..bundle.format import save_safetensors
 
-    rdir = bundle.path / ROUTER_DIR
-    rdir.mkdir(parents=True, exist_ok=True)
     entry = dict(entry)
-    files = {}
-    if head is not None:
-        tmp = rdir / ".head.safetensors.tmp"
-        tensors = {**head.tensors(), **(extra or {})}
-        save_safetensors({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, tmp,
-                         metadata={"format": "meswitch-router-head", "labels": ",".join(entry["labels"])})
-        rel, files[rel] = _place(bundle, tmp, "head", ".safetensors")
-        entry["weights"] = rel
-        entry["temperature"] = head.temperature
-    if terms is not None:
-        tmp = rdir / ".vocab.json.tmp"
-        tmp.write_text(json.dumps({"terms": terms}, ensure_ascii=False))
-        rel, files[rel] = _place(bundle, tmp, "vocab", ".json")
-        entry["vocabulary"] = rel
-    entry["files"] = files
-    entry["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    bundle.manifest["router"] = entry
-    bundle.write_manifest()
-    for f in rdir.iterdir():
-        if f.is_file() and f"{ROUTER_DIR}/{f.name}" not in files:
-            f.unlink()
+    written = []  # (temporary file, stem, suffix)
+    try:
+        if head is not None:
+            tmp = bundle.new_temp_path("head.safetensors", ROUTER_DIR)
+            written.append((tmp, "head", ".safetensors"))
+            tensors = {**head.tensors(), **(extra or {})}
+            save_safetensors({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, tmp,
+                             metadata={"format": "meswitch-router-head", "labels": ",".join(entry["labels"])})
+            entry["temperature"] = head.temperature
+        if terms is not None:
+            tmp = bundle.new_temp_path("vocab.json", ROUTER_DIR)
+            written.append((tmp, "vocab", ".json"))
+            tmp.write_text(json.dumps({"terms": terms}, ensure_ascii=False))
+        # Under the bundle's lock: the files into place, then the manifest (re-read from disk, so an
+        # expert added meanwhile by another process is kept); replaced router files are deleted.
+        with bundle.transaction() as manifest:
+            files = {}
+            for tmp, stem, suffix in written:
+                rel, files[rel] = _place(bundle, tmp, stem, suffix)
+                entry["weights" if stem == "head" else "vocabulary"] = rel
+            entry["files"] = files
+            entry["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            manifest["router"] = entry
+    finally:
+        for tmp, _, _ in written:
+            remove_path(tmp)
     return entry
 
 
@@ -273,7 +281,7 @@ def stored_examples(bundle: Bundle, name: str) -> list[Query] | None:
     the manifest; None when it has none."""
     rel = f"{bundle.entry(name)['aux_dir']}/{EXAMPLES_FILE}"
     digest = bundle.entry(name).get("files", {}).get(rel)
-    f = bundle.path / rel
+    f = bundle.resolve(rel)
     if digest is None or not f.is_file():
         return None
     if sha256_file(f) != digest:

@@ -12,6 +12,7 @@ chosen expert's own chat template. `expert=None` is the plain base model.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..bundle.format import Bundle, BundleError, check_expert_name
+from ..bundle.format import Bundle, BundleError, ExpertExistsError, UnknownExpertError, check_expert_name
 from ..checkpoints import Checkpoint, fingerprint
 from ..hardware import resolve_dtype
 from .attention import register_attention
@@ -29,6 +30,24 @@ from .layers import DeltaContext, install_delta_layers
 from .store import ExpertStore, parse_memory
 
 Prompt = str | list[dict]
+
+
+class ContextLengthError(RequestError):
+    """The prompt leaves no room in the context for a generated token."""
+
+
+class SourceError(BundleError):
+    """The bundle an expert is to be added from is missing, invalid, or of another base."""
+
+
+def check_text(text: str, what: str) -> str:
+    """Refuse text that is not valid Unicode (a lone UTF-16 surrogate, as JSON's "\\ud800" gives):
+    no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{what} is not valid Unicode (it holds a lone surrogate code point)") from None
+    return text
 
 
 class Switch:
@@ -42,6 +61,27 @@ class Switch:
         self._tokenizers: dict[str | None, object] = {None: base_tokenizer}
         self._eos: dict[str | None, frozenset[int]] = {}
         self._admin_lock = threading.Lock()
+        # Experts changed in the bundle (by this Switch or another process): drop what was read.
+        bundle.add_listener(self._forget)
+        # The engine reports why it failed a request only as text (Completion.error); until it
+        # keeps the exception, the Switch notes the one the store raised while admitting a request
+        # (in the engine thread, just before that request is failed) and attaches it to the
+        # Completion as `exception`, so that callers can tell errors apart by type.
+        self._admission = threading.local()
+        # (An expert removed while a request for it waited is reported as unknown, a 404 to HTTP.)
+        acquire = store.try_acquire
+
+        def try_acquire(name):
+            self._admission.error = None
+            try:
+                if name not in bundle.experts:
+                    raise UnknownExpertError(f"expert {name!r} was removed before this request started")
+                return acquire(name)
+            except Exception as e:
+                self._admission.error = e
+                raise
+
+        store.try_acquire = try_acquire
 
     # ----- construction ------------------------------------------------------------------------
     @classmethod
@@ -68,6 +108,8 @@ class Switch:
         if base_fingerprint_check:
             b.check_base_fingerprint(fingerprint(ckpt), ckpt.reference)
         model = ckpt.load_model(dtype)
+        # deltas that do not fit this base are refused when read, with the tensor named
+        b.base_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         model.set_attn_implementation(register_attention())
         tokenizer = ckpt.load_tokenizer()
         be = get_backend(backend)
@@ -105,8 +147,8 @@ class Switch:
         if tok is None:
             from transformers import AutoTokenizer
 
-            entry = self.bundle.entry(expert)
-            tok = AutoTokenizer.from_pretrained(self.bundle.path / entry["aux_dir"])
+            # every file in the folder checked against the manifest before transformers reads it
+            tok = AutoTokenizer.from_pretrained(self.bundle.verified_aux_dir(expert))
             self._tokenizers[expert] = tok
         return tok
 
@@ -119,63 +161,88 @@ class Switch:
             gen = getattr(self.model, "generation_config", None)
             eos = getattr(gen, "eos_token_id", None) if expert is None else self._expert_generation_eos(expert)
             if eos is not None:
-                ids.update([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+                try:
+                    ids.update([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+                except (TypeError, ValueError):
+                    raise BundleError(f"expert {expert!r}: generation_config.json has an invalid eos_token_id") from None
             self._eos[expert] = frozenset(ids)
         return self._eos[expert]
 
     def _expert_generation_eos(self, expert: str):
-        import json
-
-        f = self.bundle.path / self.bundle.entry(expert)["aux_dir"] / "generation_config.json"
+        f = self.bundle.verified_aux_dir(expert) / "generation_config.json"
         if f.is_file():
-            return json.loads(f.read_text()).get("eos_token_id")
+            try:
+                gen = json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BundleError(f"expert {expert!r}: generation_config.json is not JSON ({e})") from e
+            if not isinstance(gen, dict):
+                raise BundleError(f"expert {expert!r}: generation_config.json is not an object")
+            return gen.get("eos_token_id")
         return getattr(self.model.generation_config, "eos_token_id", None)
 
-    def add_expert(self, name: str, source: str | os.PathLike, source_name: str | None = None,
+    def _forget(self, names: set[str]) -> None:
+        """Drop what was read of these experts (they were added, replaced or removed)."""
+        for name in names:
+            self.store.forget(name)
+            self._tokenizers.pop(name, None)
+            self._eos.pop(name, None)
+
+    def sync_bundle(self) -> set[str]:
+        """Take the bundle's manifest again if another process changed it (one stat when it did
+        not); returns the experts added, replaced or removed."""
+        return self.bundle.refresh()
+
+    def add_expert(self, name: str, source: str | os.PathLike | Bundle, source_name: str | None = None,
                    overwrite: bool = False) -> None:
         """Copy expert `source_name` (default: `name`) of another bundle computed against the same
-        base into this bundle, and serve it from now on. No restart needed."""
+        base into this bundle, and serve it from now on. No restart needed.
+
+        Only the files the source manifest lists for that expert are copied, each checked against
+        its SHA-256 and confined to the source bundle; its delta file is checked against the
+        format and this base's tensor shapes first. Problems with the source raise SourceError."""
         check_expert_name(name)
-        src = Bundle.open(source)
         src_name = source_name or name
+        self.sync_bundle()
         with self._admin_lock:
-            entry = src.entry(src_name)
-            src.check_base_fingerprint(self.bundle.base_fingerprint, f"bundle {self.bundle.path}")
             if name in self.bundle.experts and not overwrite:
-                raise BundleError(f"expert {name!r} already exists in {self.bundle.path}")
-            src.verify_files(src_name)
-            src.load_deltas(src_name, verify=False)  # validates the file before anything is copied
+                raise ExpertExistsError(f"expert {name!r} already exists in {self.bundle.path}")
+            try:
+                src = source if isinstance(source, Bundle) else Bundle.open(source)
+                entry = src.entry(src_name)
+                src.check_base_fingerprint(self.bundle.base_fingerprint, f"bundle {self.bundle.path}")
+                src.base_shapes = self.bundle.base_shapes
+                src.verify_files(src_name)
+                src.load_deltas(src_name, verify=False)  # validates the file before anything is copied
+                weights = src.resolve(entry["weights"])
+                aux_files = [src.resolve(rel) for rel in entry["files"] if rel != entry["weights"]]
+                import safetensors.torch as st
+                from safetensors import safe_open
+
+                tensors = st.load_file(weights)
+                with safe_open(weights, framework="pt") as f:
+                    meta = dict(f.metadata() or {})
+            except BundleError as e:
+                raise SourceError(f"cannot add expert {name!r} from {source}: {e}") from e
+            except OSError as e:
+                raise SourceError(f"cannot add expert {name!r} from {source}: {e.strerror or e}") from e
 
             def save_aux(dest: Path) -> None:
-                shutil.copytree(src.aux_dir(src_name), dest)
+                dest.mkdir()
+                for f in aux_files:
+                    shutil.copyfile(f, dest / f.name)
 
-            import safetensors.torch as st
-
-            deltas_file = src.path / entry["weights"]
-            tensors = st.load_file(deltas_file)
-            from safetensors import safe_open
-
-            with safe_open(deltas_file, framework="pt") as f:
-                meta = dict(f.metadata() or {})
             meta["expert"] = name
             staged = self.bundle.stage_raw(name, tensors, meta, save_aux)
             keep = {k: v for k, v in entry.items() if k not in ("name", "weights", "aux_dir", "files", "created")}
             try:
-                self.bundle.commit([(staged, keep)])
-            except BaseException:
-                self.bundle.discard([staged])
-                raise
-            self.store.forget(name)
-            self._tokenizers.pop(name, None)
-            self._eos.pop(name, None)
+                self.bundle.commit([(staged, keep)], replace=overwrite)
+            finally:
+                self.bundle.discard([staged])  # whatever commit did not move into place
 
     def remove_expert(self, name: str) -> None:
         """Stop serving an expert and delete it from the bundle. Requests already running finish."""
         with self._admin_lock:
             self.bundle.remove_expert(name)
-            self.store.forget(name)
-            self._tokenizers.pop(name, None)
-            self._eos.pop(name, None)
 
     # ----- requests ------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, expert: str | None) -> list[int]:
@@ -185,11 +252,14 @@ class Switch:
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("the prompt is empty")
-            return list(tok(prompt, add_special_tokens=True)["input_ids"])
+            return list(tok(check_text(prompt, "the prompt"), add_special_tokens=True)["input_ids"])
         if not isinstance(prompt, list) or not prompt or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
         ):
             raise RequestError("messages must be a non-empty list of {'role': str, 'content': str}")
+        for i, m in enumerate(prompt):
+            check_text(m["role"], f"messages[{i}].role")
+            check_text(m["content"], f"messages[{i}].content")
         if not getattr(tok, "chat_template", None):
             raise RequestError(f"{expert or 'the base'} has no chat template; send a plain prompt instead")
         ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
@@ -200,9 +270,25 @@ class Switch:
     def submit(self, prompt: Prompt, expert: str | None = None, on_update=None, **sampling) -> Request:
         """Queue one request; returns at once. `on_update(request, new_text, completion_or_None)`
         is called from the engine thread as text is produced, and once more when it finishes."""
+        self.sync_bundle()
         params = sampling.pop("params", None) or SamplingParams(**sampling)
-        req = Request(self.encode(prompt, expert), expert, params, self.tokenizer(expert), self.eos_ids(expert),
-                      on_update)
+        ids = self.encode(prompt, expert)
+        if len(ids) >= self.engine.max_model_len:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context length is "
+                                     f"{self.engine.max_model_len} (prompt plus at least one generated token must fit)")
+        if params.seed is not None and not -2**63 <= params.seed < 2**63:
+            raise RequestError(f"seed must be a 64-bit integer, got {params.seed}")
+
+        def update(req, delta, done):
+            if done is not None and done.finish_reason == "error":
+                err = getattr(self._admission, "error", None)
+                self._admission.error = None
+                if err is not None and str(err) == done.error:
+                    done.exception = err
+            if on_update is not None:
+                on_update(req, delta, done)
+
+        req = Request(ids, expert, params, self.tokenizer(expert), self.eos_ids(expert), update)
         return self.engine.submit(req)
 
     def generate(self, prompts: Prompt | list[Prompt], expert: str | None | list[str | None] = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 from ..hardware import DTYPE_CHOICES
 from ..runtime.backend import BACKENDS
@@ -15,7 +16,15 @@ def add_parser(sub) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=os.environ.get("MESWITCH_API_KEY"),
-                   help="require this bearer token (default: $MESWITCH_API_KEY; none: open, admin disabled)")
+                   help="require this bearer token for /v1 (default: $MESWITCH_API_KEY; none: open). "
+                        "Prefer the variable or --api-key-file: a command line is visible to other users")
+    s.add_argument("--api-key-file", default=None,
+                   help="file of accepted inference keys, one per line (# comments); adds to --api-key")
+    s.add_argument("--admin-key", default=os.environ.get("MESWITCH_ADMIN_KEY"),
+                   help="bearer token for /admin (default: $MESWITCH_ADMIN_KEY; none: admin endpoints disabled)")
+    s.add_argument("--source-dir", action="append", default=None,
+                   help="folder whose bundles the admin may add experts from (repeatable; default: the folder "
+                        "holding BUNDLE)")
     s.add_argument("--max-memory", default=None, help="memory budget for expert deltas, e.g. 2GiB (default: no limit)")
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache slots)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
@@ -45,6 +54,15 @@ def load_router(switch):
         return None
 
 
+def read_keys(path: str) -> list[str]:
+    """Keys from a file: one per line; blank lines and lines starting with # are skipped."""
+    lines = Path(path).read_text().splitlines()
+    keys = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    if not keys:
+        raise ValueError(f"{path}: no API keys in the file")
+    return keys
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -52,13 +70,18 @@ def cmd_serve(args) -> int:
     from .app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys = ([args.api_key] if args.api_key else []) + (read_keys(args.api_key_file) if args.api_key_file else [])
     sw = Switch.load(args.bundle, args.base, dtype=args.dtype, max_memory=args.max_memory, max_batch=args.max_batch,
                      max_queue=args.max_queue, max_model_len=args.max_model_len, threads=args.threads,
                      backend=args.backend)
     router = None if args.no_router else load_router(sw)
-    app = create_app(sw, router=router, api_key=args.api_key)
+    app = create_app(sw, router=router, api_key=keys or None, admin_key=args.admin_key or None,
+                     source_dirs=args.source_dir)
+    # (the keys themselves are never printed or logged)
     print(f"meswitch: serving {len(sw.experts)} experts ({', '.join(sw.experts)}) + base"
-          f"{' + auto routing' if router else ''} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+          f"{' + auto routing' if router else ''} on http://{args.host}:{args.port}/v1 "
+          f"({f'{len(keys)} API key(s)' if keys else 'no API key'}, admin {'on' if args.admin_key else 'off'})",
+          file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
