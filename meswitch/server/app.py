@@ -14,17 +14,22 @@ and the `x-meswitch-expert` header say which expert answered.
 
 All state lives in the app (app.state): the Switch, the router, metrics. Errors use OpenAI's
 JSON shape; no traceback ever reaches a client.
+
+The app needs only the Switch's serving surface: `bundle` (manifest and expert entries),
+`experts`, `description`, `submit`, `stats`, `add_expert`, `remove_expert`. Another object
+with that surface serves the same API: meswitch.server.ray_serve.RemoteSwitch forwards requests
+to Switch replicas on Ray Serve; its `submit` is a coroutine, its requests may carry
+`response_headers`, and it reports `replica_stats()` for /metrics.
 """
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
+import inspect
 import json
 import logging
 import time
 import uuid
-from collections import OrderedDict
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..bundle.format import BundleError
 from ..runtime.engine import QueueFullError, RequestError, SamplingParams
 from ..runtime.store import MemoryBudgetError
+from .conversations import ConversationMemory
 from .metrics import ServerMetrics
 from .schemas import AddExpertRequest, ChatCompletionRequest, CompletionRequest
 
@@ -54,34 +60,6 @@ class APIError(Exception):
 
 def error_body(message: str, type_: str, param=None, code=None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-class ConversationMemory:
-    """Which expert answered a conversation so far: key = hash of the messages up to and including
-    our answer. A follow-up request (same messages + new turn) finds it. Bounded, LRU."""
-
-    def __init__(self, size: int = 10000):
-        self.size = size
-        self._map: OrderedDict[str, str] = OrderedDict()
-
-    @staticmethod
-    def key(messages: list[dict]) -> str:
-        blob = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
-        return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
-
-    def remember(self, messages: list[dict], answer: str, expert: str) -> None:
-        k = self.key(messages + [{"role": "assistant", "content": answer}])
-        self._map[k] = expert
-        self._map.move_to_end(k)
-        while len(self._map) > self.size:
-            self._map.popitem(last=False)
-
-    def previous(self, messages: list[dict]) -> str | None:
-        # the conversation before the newest user turn(s) ends with an assistant answer of ours
-        for cut in range(len(messages) - 1, 0, -1):
-            if messages[cut - 1]["role"] == "assistant":
-                return self._map.get(self.key(messages[:cut]))
-        return None
 
 
 class GuardMiddleware:
@@ -143,12 +121,12 @@ class GuardMiddleware:
 
 
 def create_app(switch, router=None, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               retry_after: int = 1) -> FastAPI:
+               retry_after: int = 1, conversations: ConversationMemory | None = None) -> FastAPI:
     app = FastAPI(title="meswitch", version="1", docs_url=None, redoc_url=None)
     app.state.switch = switch
     app.state.router = router
     app.state.metrics = ServerMetrics(switch)
-    app.state.conversations = ConversationMemory()
+    app.state.conversations = conversations if conversations is not None else ConversationMemory()
     metrics: ServerMetrics = app.state.metrics
     base_name = switch.bundle.manifest["base"].get("reference") or "base"
 
@@ -211,12 +189,16 @@ def create_app(switch, router=None, api_key: str | None = None, max_body_bytes: 
         if router is None:
             raise APIError(400, "model 'auto' needs a router: this bundle has none (train one with "
                                 "`meswitch router train`), or name an expert", param="model")
-        previous = app.state.conversations.previous(messages) if messages else None
         query = messages if messages is not None else prompt
-        try:
-            d = await run_in_threadpool(router.route, query, previous_expert=previous)
-        except TypeError:  # a router without conversation stickiness
-            d = await run_in_threadpool(router.route, query)
+
+        def route():
+            previous = app.state.conversations.previous(messages) if messages else None
+            try:
+                return router.route(query, previous_expert=previous)
+            except TypeError:  # a router without conversation stickiness
+                return router.route(query)
+
+        d = await run_in_threadpool(route)
         expert = None if d.expert in (None, BASE_MODEL) else d.expert
         if expert is not None and expert not in switch.bundle.experts:  # removed since the router was trained
             expert = None
@@ -241,6 +223,8 @@ def create_app(switch, router=None, api_key: str | None = None, max_body_bytes: 
         t0 = time.perf_counter()
         try:
             req = switch.submit(prompt if messages is None else messages, expert, on_update=on_update, params=params)
+            if inspect.isawaitable(req):  # a remote switch (Ray Serve) submits asynchronously
+                req = await req
         except QueueFullError as e:
             metrics.requests.labels(endpoint, label, "429").inc()
             raise APIError(429, f"{e}; retry later", "rate_limit_exceeded", code="queue_full",
@@ -250,7 +234,7 @@ def create_app(switch, router=None, api_key: str | None = None, max_body_bytes: 
             raise APIError(400, str(e), code="context_length_exceeded" if "context length" in str(e) else None) from None
         rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        headers = {"x-meswitch-expert": label, **extra_headers}
+        headers = {"x-meswitch-expert": label, **extra_headers, **getattr(req, "response_headers", {})}
         metrics.in_flight.inc()
 
         def finish_metrics(result, status="200"):
@@ -373,13 +357,13 @@ def create_app(switch, router=None, api_key: str | None = None, max_body_bytes: 
     # ----- health, metrics, admin ---------------------------------------------------------------------------
     @app.get("/health")
     async def health():
-        s = switch.stats()
+        s = await run_in_threadpool(switch.stats)
         return {"status": "ok", "experts": switch.experts, "router": app.state.router is not None,
                 "queue_depth": s["queue_depth"], "running": s["running"]}
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(await run_in_threadpool(metrics.render), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def require_admin():
         if api_key is None:
