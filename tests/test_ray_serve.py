@@ -21,7 +21,7 @@ from test_server import KEY, LiveServer, free_port  # noqa: E402
 from meswitch.runtime import Switch  # noqa: E402
 from meswitch.server.conversations import ConversationMemory  # noqa: E402
 from meswitch.server.cli import load_router  # noqa: E402
-from meswitch.server.ray_serve import APP_NAME, REPLICA_HEADER, ServeArgs, build_app, local_copy  # noqa: E402
+from meswitch.server.ray_serve import APP_NAME, REPLICA_HEADER, app_builder, local_copy  # noqa: E402
 
 pytestmark = pytest.mark.ray
 LONG_PROMPT = [{"role": "user", "content": "Tom has 12 apples and gives 5 to Anna. Tell me the whole story."}]
@@ -37,9 +37,10 @@ def both(served_bundle):
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        cfg = ServeArgs(bundle=f"file://{bundle}", replicas=2, experts_per_replica=1, dtype="float32", max_batch=2,
-                        threads=1, api_key=KEY, cache_dir=str(d / "cache"))
-        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+        # the arguments as `serve run meswitch.server.ray_serve:app_builder key=value ...` passes them
+        args = dict(bundle=f"file://{bundle}", replicas="2", experts_per_replica="1", dtype="float32", max_batch="2",
+                    threads="1", api_key=KEY, cache_dir=str(d / "cache"))
+        serve.run(app_builder(args), name=APP_NAME, route_prefix="/")
         with LiveServer(sw, router=load_router(sw), api_key=KEY) as single:
             single.switch = sw
             ray_url = f"http://127.0.0.1:{port}"
@@ -120,10 +121,16 @@ def test_same_errors(both, kwargs):
 def test_experts_stick_to_their_replicas_and_metrics_are_per_replica(both):
     _, rayep, _ = both
     c = rayep.client()
-    for _ in range(3):  # warm-up: Serve learns which replica holds which expert
+    # warm-up, slowly (Serve's routers learn where experts are within ~0.1 s), until the placement
+    # holds for two rounds
+    placements = []
+    while len(placements) < 2 or placements[-1] != placements[-2]:
+        assert len(placements) < 12, placements
+        placement = []
         for model in ("math", "code"):
-            chat(c, model, [{"role": "user", "content": "warm up"}], max_tokens=1)
-    time.sleep(0.5)
+            placement.append(chat(c, model, [{"role": "user", "content": "warm up"}], max_tokens=1)[0][REPLICA_HEADER])
+            time.sleep(0.3)
+        placements.append(placement)
     seen = {"math": set(), "code": set()}
     for i in range(6):
         for model in ("math", "code"):
@@ -163,6 +170,11 @@ def test_admin_is_refused_clearly(both):
     req = urllib.request.Request(rayep.url + "/admin/experts", method="POST",
                                  data=json.dumps({"name": "x", "source": "/nowhere"}).encode(),
                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400 and "not supported on Ray Serve" in json.loads(e.value.read())["error"]["message"]
+    req = urllib.request.Request(rayep.url + "/admin/experts/math", method="DELETE",
+                                 headers={"Authorization": f"Bearer {KEY}"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req)
     assert e.value.code == 400 and "not supported on Ray Serve" in json.loads(e.value.read())["error"]["message"]
@@ -215,8 +227,8 @@ def test_a_replica_killed_mid_flight(both):
         assert headers[REPLICA_HEADER] != victim and r.choices[0].finish_reason == "length"
 
 
-def test_uri_bundles_are_copied_once(both, tmp_path):
-    _, _, d = both
+def test_uri_bundles_are_copied_once(served_bundle, tmp_path):
+    d = served_bundle.parent
     cache = tmp_path / "cache"
     first = local_copy(f"file://{d / 'bundle'}", cache)
     assert (first / "manifest.json").is_file() and first.parent.parent == cache
@@ -246,3 +258,109 @@ def test_the_single_process_server_does_not_import_ray():
     code = ("import sys, meswitch.cli, meswitch.server.cli, meswitch.server.app; "
             "sys.exit(1 if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ----- the ingress's retry rules, on scripted replica streams (no Ray cluster) ------------------------
+class ScriptedStream:
+    """A replica's stream: its items, then (optionally) the replica dies."""
+
+    def __init__(self, items, die=False):
+        self.items, self.die, self.cancelled = list(items), die, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.items:
+            item = self.items.pop(0)
+            if isinstance(item, Exception):
+                raise item
+            return item
+        if self.die:
+            raise ray.exceptions.ActorDiedError()
+        raise StopAsyncIteration
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class ScriptedReplicas:
+    """Stands in for the SwitchReplica handle: each call takes the next scripted stream."""
+
+    def __init__(self, *streams):
+        self.streams, self.calls = list(streams), []
+        self.generate = self
+
+    def options(self, **kw):
+        self.calls.append(kw)
+        return self
+
+    def remote(self, prompt, expert, params):
+        return self.streams.pop(0)
+
+
+def done(text):
+    from meswitch.runtime import Completion
+
+    return ("done", Completion(1, "math", text, [], "length", 3, 4))
+
+
+def drive(replicas, temperature=0.0, seed=None):
+    """Submit one request through a RemoteSwitch; -> (text handed out piece by piece, result, request)."""
+    import asyncio
+
+    from meswitch.runtime import SamplingParams
+    from meswitch.server.ray_serve import RemoteSwitch
+
+    pieces, finished = [], []
+
+    async def go():
+        sw = RemoteSwitch(bundle=None, replicas=replicas, coordinator=None)
+        req = await sw.submit("q", "math", on_update=lambda r, d, c: (pieces.append(d), c and finished.append(c)),
+                              params=SamplingParams(temperature=temperature, seed=seed))
+        await asyncio.wait_for(req.task, 10)
+        return req
+
+    req = asyncio.run(go())
+    assert len(finished) == 1 and req.result is finished[0]
+    return "".join(pieces), req.result, req
+
+
+def test_retry_continues_a_reproducible_stream_after_the_text_already_sent():
+    r = ScriptedReplicas(ScriptedStream([("replica", "a"), ("text", "Hello"), ("text", " wor")], die=True),
+                         ScriptedStream([("replica", "b"), ("text", "Hel"), ("text", "lo world"), ("text", "!"),
+                                         done("Hello world!")]))
+    text, result, req = drive(r)
+    assert text == result.text == "Hello world!" and result.finish_reason == "length"
+    assert r.calls[0] == {"stream": True, "multiplexed_model_id": "math"} and not r.streams
+
+
+def test_retry_that_diverges_from_the_sent_text_fails_clearly():
+    r = ScriptedReplicas(ScriptedStream([("replica", "a"), ("text", "Hello")], die=True),
+                         ScriptedStream([("replica", "b"), ("text", "Help me"), done("Help me")]))
+    text, result, _ = drive(r, seed=7)
+    assert text == "Hello" and result.finish_reason == "error" and "differs" in result.error
+
+
+def test_sampled_stream_with_text_sent_is_not_retried():
+    r = ScriptedReplicas(ScriptedStream([("replica", "a"), ("text", "Hi")], die=True), ScriptedStream([]))
+    text, result, _ = drive(r, temperature=0.8)
+    assert result.finish_reason == "error" and "not reproducible" in result.error and len(r.streams) == 1
+    # ... unless nothing had been sent yet
+    r = ScriptedReplicas(ScriptedStream([("replica", "a")], die=True),
+                         ScriptedStream([("replica", "b"), ("text", "Yo"), done("Yo")]))
+    text, result, req = drive(r, temperature=0.8)
+    assert text == result.text == "Yo" and req.response_headers == {REPLICA_HEADER: "b"}
+
+
+def test_refusals_and_dead_replicas_before_acceptance():
+    from meswitch.runtime import RequestError
+    from meswitch.server.ray_serve import NoReplicaError
+
+    refusal = ray.exceptions.RayTaskError("generate", "tb", RequestError("the prompt has 900 tokens")).as_instanceof_cause()
+    with pytest.raises(RequestError, match="900 tokens") as e:
+        drive(ScriptedReplicas(ScriptedStream([refusal])))
+    assert type(e.value) is RequestError  # the app maps it exactly as for a local Switch
+    dead = [ScriptedStream([], die=True) for _ in range(3)]
+    with pytest.raises(NoReplicaError, match="ActorDiedError"):
+        drive(ScriptedReplicas(*dead))

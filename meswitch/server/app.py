@@ -383,7 +383,10 @@ def create_app(switch, router=None, api_key: str | None = None, max_body_bytes: 
         require_admin()
         if name not in switch.bundle.experts:
             raise APIError(404, f"no expert {name!r}", code="model_not_found")
-        await run_in_threadpool(switch.remove_expert, name)
+        try:
+            await run_in_threadpool(switch.remove_expert, name)
+        except BundleError as e:  # e.g. not supported by a remote switch
+            raise APIError(400, str(e)) from None
         return {"removed": name, "experts": switch.experts}
 
     return app
