@@ -203,11 +203,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--configs", default="single-1,ray-1,ray-2,single-2")
     ap.add_argument("--repeats", type=int, default=2, help="passes over the configurations")
+    ap.add_argument("--budget-experts", type=int, default=4, help="experts one replica's budget holds hot")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     bundle = prepare_bundle(Path(args.workdir), Path(args.base) if args.base else None)
     per_expert = expert_bytes(bundle)
-    budget4 = int(4.2 * per_expert)  # holds 4 experts hot, not 5
+    budget4 = int((args.budget_experts + 0.2) * per_expert)  # holds that many experts hot, not one more
     log(f"one hot expert: {per_expert / 2**20:.1f} MiB; per-replica budget {budget4 / 2**20:.0f} MiB")
     from meswitch.bundle.format import Bundle
 
@@ -217,9 +218,9 @@ def main() -> None:
         "single-1": (["--threads", "1", "--max-memory", str(budget4)], 1),
         "single-2": (["--threads", "2", "--max-memory", str(2 * budget4)], 1),
         "ray-1": (["--ray", "--replicas", "1", "--threads", "1", "--max-memory", str(budget4),
-                   "--experts-per-replica", "4"], 1),
+                   "--experts-per-replica", str(args.budget_experts)], 1),
         "ray-2": (["--ray", "--replicas", "2", "--threads", "1", "--max-memory", str(budget4),
-                   "--experts-per-replica", "4"], 2),
+                   "--experts-per-replica", str(args.budget_experts)], 2),
     }
     results = []
     names = args.configs.split(",")
@@ -231,15 +232,17 @@ def main() -> None:
             results.append({"run": rep + 1, **res, "load_average": os.getloadavg()[0]})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"experts": N_EXPERTS, "expert_hot_mib": per_expert / 2**20, "budget_per_replica_mib": budget4 / 2**20,
+    meta = {"experts": N_EXPERTS, "budget_experts": args.budget_experts, "expert_hot_mib": per_expert / 2**20,
+            "budget_per_replica_mib": budget4 / 2**20,
             "clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens, "cpus": os.cpu_count(),
             "repeats": args.repeats}
     (out / "ray_scale.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     cmd = (f".venv/bin/python benchmarks/ray_scale.py --seconds {args.seconds:g} --clients {args.clients} "
-           f"--max-tokens {args.max_tokens} --repeats {args.repeats}")
+           f"--max-tokens {args.max_tokens} --repeats {args.repeats} --budget-experts {args.budget_experts}")
     md = ["# Ray Serve scale-out (SmolLM2-135M, 8 experts, CPU)", "", f"Command: `{cmd}`", "",
           f"{os.cpu_count()} CPUs; one hot expert {per_expert / 2**20:.0f} MiB; budget {budget4 / 2**20:.0f} MiB per "
-          f"replica (4 experts hot); {args.clients} clients, uniformly random expert, {args.max_tokens} tokens, "
+          f"replica ({args.budget_experts} experts hot); {args.clients} clients, uniformly random expert, "
+          f"{args.max_tokens} tokens, "
           f"{args.seconds:g} s per configuration.", "",
           "| configuration | run | tokens/s | req/s | latency p50 | latency p99 | disk loads/min | hot builds/min | "
           "hit rate | errors | start-up | load avg |",

@@ -46,8 +46,7 @@ def both(served_bundle):
             ray_url = f"http://127.0.0.1:{port}"
             yield single, Endpoint(ray_url), d
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # ends Serve with the local instance (serve.shutdown would drain replicas first)
         sw.close()
 
 
