@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from conftest import CORPUS, flip_byte, save_lively_experts
+from conftest import CORPUS, CODE_Q, MATH_Q, flip_byte, make_served_bundle, save_lively_experts
 
 from meswitch.bundle import Bundle
 from meswitch.cli import main
@@ -26,10 +26,6 @@ from meswitch.server.cli import load_router
 
 KEY = "test-key"
 ADMIN = "admin-key"
-MATH_Q = ["How many apples are left if Tom has 12 and eats 5?", "What is 7 times 8?", "A train goes 60 km in 2 hours; speed?",
-          "Anna has 3 boxes of 4 pens. How many pens?", "What is 15 minus 9?", "If 5 kg cost 20 dollars, what does 1 kg cost?"]
-CODE_Q = ["Write a Python function that reverses a list.", "def add(a, b): fix this function", "How do I sort a dict by value in Python?",
-          "Write a function to check if a string is a palindrome.", "Implement binary search in Python.", "Fix the bug in this for loop."]
 
 
 def free_port() -> int:
@@ -70,18 +66,9 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("srv")
-    save_lively_experts(d, tokenizer)
-    (d / "calib.txt").write_text("\n".join(CORPUS) + "\n")
-    assert main(["compress", "--base", str(d / "base"), "--expert", f"math={d / 'math'}", "--expert",
-                 f"code={d / 'code'}", "--out", str(d / "bundle"), "--calib", str(d / "calib.txt"),
-                 "--description", "math=grade-school arithmetic", "--description", "code=Python programming"]) == 0
-    (d / "math.txt").write_text("\n".join(MATH_Q * 3) + "\n")
-    (d / "code.txt").write_text("\n".join(CODE_Q * 3) + "\n")
-    assert main(["router", "train", str(d / "bundle"), "--backend", "lexical", "--examples", f"math={d / 'math.txt'}",
-                 "--examples", f"code={d / 'code.txt'}", "--threshold", "0.3"]) == 0
-    sw = Switch.load(d / "bundle", dtype="float32", max_queue=64)
+def served(served_bundle):
+    d = served_bundle.parent
+    sw = Switch.load(served_bundle, dtype="float32", max_queue=64)
     with LiveServer(sw, router=load_router(sw), api_key=KEY) as srv:
         srv.dir = d
         srv.switch = sw

@@ -16,6 +16,12 @@ All state lives in the app (app.state): the Switch, the router, metrics. Errors 
 JSON shape; typed errors map to HTTP statuses in one table (ERROR_MAP); no traceback ever
 reaches a client. Inference keys (several may be accepted) and the admin key are separate; keys
 are compared in constant time (as SHA-256 digests) and never logged.
+
+The app needs only the Switch's serving surface: `bundle` (manifest and expert entries),
+`experts`, `description`, `submit`, `stats`, `add_expert`, `remove_expert`. Another object
+with that surface serves the same API: meswitch.server.ray_serve.RemoteSwitch forwards requests
+to Switch replicas on Ray Serve; its `submit` is a coroutine, its requests may carry
+`response_headers`, and it reports `replica_stats()` for /metrics.
 """
 from __future__ import annotations
 
@@ -28,7 +34,6 @@ import logging
 import os
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,6 +48,7 @@ from ..runtime.engine import QueueFullError, RequestError, SamplingParams
 from ..runtime.store import MemoryBudgetError
 from ..router.errors import RouterError
 from ..runtime.switch import ContextLengthError, SourceError
+from .conversations import ConversationMemory
 from .metrics import ServerMetrics
 from .schemas import AddExpertRequest, ChatCompletionRequest, CompletionRequest
 
@@ -62,6 +68,10 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
 
 
+class UnsupportedOperation(Exception):
+    """What this deployment cannot do (e.g. admin changes on Ray Serve replicas)."""
+
+
 # Typed errors of the runtime and the bundle -> HTTP status, OpenAI error type and code, and
 # whether to send Retry-After. The most specific class an error is an instance of applies. Any
 # other exception is a 500 "internal server error" whose details go to the server log only.
@@ -74,6 +84,7 @@ ERROR_MAP: dict[type[BaseException], tuple[int, str, str | None, bool]] = {
     ExpertExistsError: (409, "invalid_request_error", "expert_exists", False),
     SourceError: (400, "invalid_request_error", "invalid_source", False),
     RouterError: (400, "invalid_request_error", "cannot_route", False),  # a query `auto` cannot route
+    UnsupportedOperation: (400, "invalid_request_error", "unsupported", False),
     BundleError: (500, "server_error", "expert_unavailable", False),  # the served bundle is damaged
 }
 
@@ -110,34 +121,6 @@ def key_accepted(token: bytes, digests: tuple[bytes, ...]) -> bool:
     for k in digests:
         ok |= hmac.compare_digest(d, k)
     return ok
-
-
-class ConversationMemory:
-    """Which expert answered a conversation so far: key = hash of the messages up to and including
-    our answer. A follow-up request (same messages + new turn) finds it. Bounded, LRU."""
-
-    def __init__(self, size: int = 10000):
-        self.size = size
-        self._map: OrderedDict[str, str] = OrderedDict()
-
-    @staticmethod
-    def key(messages: list[dict]) -> str:
-        blob = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
-        return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
-
-    def remember(self, messages: list[dict], answer: str, expert: str) -> None:
-        k = self.key(messages + [{"role": "assistant", "content": answer}])
-        self._map[k] = expert
-        self._map.move_to_end(k)
-        while len(self._map) > self.size:
-            self._map.popitem(last=False)
-
-    def previous(self, messages: list[dict]) -> str | None:
-        # the conversation before the newest user turn(s) ends with an assistant answer of ours
-        for cut in range(len(messages) - 1, 0, -1):
-            if messages[cut - 1]["role"] == "assistant":
-                return self._map.get(self.key(messages[:cut]))
-        return None
 
 
 class GuardMiddleware:
@@ -227,15 +210,17 @@ def confine_source(source: str, source_dirs: Sequence[Path]) -> Path:
 
 def create_app(switch, router=None, api_key: str | Sequence[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                retry_after: int = 1, admin_key: str | None = None,
-               source_dirs: Sequence[str | os.PathLike] | None = None) -> FastAPI:
+               source_dirs: Sequence[str | os.PathLike] | None = None,
+               conversations: ConversationMemory | None = None) -> FastAPI:
     """The FastAPI app over a Switch. api_key: one inference key or several (None: open);
     admin_key: enables /admin (None: admin disabled); source_dirs: folders the admin may add
-    experts from (default: the folder holding the served bundle)."""
+    experts from (default: the folder holding the served bundle); conversations: where `auto`
+    remembers which expert answered a conversation (default: this process's memory)."""
     app = FastAPI(title="meswitch", version="1", docs_url=None, redoc_url=None)
     app.state.switch = switch
     app.state.router = router
     app.state.metrics = ServerMetrics(switch)
-    app.state.conversations = ConversationMemory()
+    app.state.conversations = conversations if conversations is not None else ConversationMemory()
     metrics: ServerMetrics = app.state.metrics
     base_name = switch.bundle.manifest["base"].get("reference") or "base"
     sources = [Path(d) for d in (source_dirs or [Path(os.path.realpath(switch.bundle.path)).parent])]
@@ -320,10 +305,16 @@ def create_app(switch, router=None, api_key: str | Sequence[str] | None = None, 
         if router is None:
             raise APIError(400, "model 'auto' needs a router: this bundle has none (train one with "
                                 "`meswitch router train`), or name an expert", param="model")
-        previous = app.state.conversations.previous(messages) if messages else None
         query = messages if messages is not None else prompt
         sticky = "previous_expert" in inspect.signature(router.route).parameters  # a router may not have it
-        d = await run_in_threadpool(router.route, query, **({"previous_expert": previous} if sticky else {}))
+
+        def route():  # the conversation lookup may block (Ray Serve keeps it in another process)
+            if not sticky:
+                return router.route(query)
+            previous = app.state.conversations.previous(messages) if messages else None
+            return router.route(query, previous_expert=previous)
+
+        d = await run_in_threadpool(route)
         expert = None if d.expert in (None, BASE_MODEL) else d.expert
         if expert is not None and expert not in switch.bundle.experts:  # removed since the router was trained
             expert = None
@@ -380,12 +371,14 @@ def create_app(switch, router=None, api_key: str | Sequence[str] | None = None, 
         t0 = time.perf_counter()
         try:
             req = switch.submit(prompt if messages is None else messages, expert, on_update=on_update, params=params)
+            if inspect.isawaitable(req):  # a remote switch (Ray Serve) submits asynchronously
+                req = await req
         except Exception as e:
             metrics.requests.labels(endpoint, label, str(status_of(e))).inc()
             raise
         rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        headers = {"x-meswitch-expert": label, **extra_headers}
+        headers = {"x-meswitch-expert": label, **extra_headers, **getattr(req, "response_headers", {})}
         metrics.in_flight.inc()
 
         def finish_metrics(result, status="200"):
@@ -516,13 +509,13 @@ def create_app(switch, router=None, api_key: str | Sequence[str] | None = None, 
     # ----- health, metrics, admin ---------------------------------------------------------------------------
     @app.get("/health")
     async def health():
-        s = switch.stats()
+        s = await run_in_threadpool(switch.stats)
         return {"status": "ok", "experts": switch.experts, "router": app.state.router is not None,
                 "queue_depth": s["queue_depth"], "running": s["running"]}
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(await run_in_threadpool(metrics.render), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # Admin: the middleware has checked the admin key (and answers 403 when none is set).
     @app.post("/admin/experts")

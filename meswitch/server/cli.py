@@ -1,4 +1,5 @@
-"""`meswitch serve BUNDLE`: the HTTP server for every expert of a bundle, in one process."""
+"""`meswitch serve BUNDLE`: the HTTP server for every expert of a bundle, in one process, or with
+--ray on a Ray Serve cluster (meswitch.server.ray_serve; Ray is imported only then)."""
 from __future__ import annotations
 
 import logging
@@ -38,20 +39,34 @@ def add_parser(sub) -> None:
     s.add_argument("--base", default=None, help="base checkpoint (default: the path recorded in the bundle)")
     s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     s.add_argument("--no-router", action="store_true", help="do not load the bundle's router (model 'auto' is refused)")
+    r = s.add_argument_group("Ray Serve (pip install 'meswitch[ray]'; cluster: $RAY_ADDRESS, else a local one)")
+    r.add_argument("--ray", action="store_true", help="serve from Switch replicas on Ray Serve behind one endpoint")
+    n = r.add_mutually_exclusive_group()
+    n.add_argument("--replicas", type=int, default=1, help="replicas, one Switch each (default 1)")
+    n.add_argument("--autoscale", metavar="MIN:MAX", default=None, help="scale replicas on ongoing requests")
+    r.add_argument("--experts-per-replica", type=int, default=4,
+                   help="experts a replica holds for routing (match what --max-memory keeps hot; default 4)")
+    r.add_argument("--cache-dir", default=None, help="where a bundle/base URI is copied on each node")
     s.set_defaults(func=cmd_serve)
 
 
-def load_router(switch):
-    """The bundle's router, or None (with the reason logged) when it has none."""
+def load_bundle_router(bundle, model=None, tokenizer=None):
+    """The bundle's router, or None (with the reason logged) when it has none. Routers that read
+    the base model use `model` (else they load the bundle's base themselves)."""
     try:
         from ..router import Router
     except ImportError:
         return None
     try:
-        return Router.load(switch.bundle, model=switch.model, tokenizer=switch.base_tokenizer)
+        return Router.load(bundle, model=model, tokenizer=tokenizer)
     except Exception as e:  # no router trained, no descriptions: serve without `auto`
         logging.getLogger("meswitch.server").warning("model 'auto' unavailable: %s", e)
         return None
+
+
+def load_router(switch):
+    """The router of a loaded Switch's bundle, sharing its resident base."""
+    return load_bundle_router(switch.bundle, model=switch.model, tokenizer=switch.base_tokenizer)
 
 
 def read_keys(path: str) -> list[str]:
@@ -64,6 +79,8 @@ def read_keys(path: str) -> list[str]:
 
 
 def cmd_serve(args) -> int:
+    if args.ray:
+        return cmd_serve_ray(args)
     import uvicorn
 
     from ..runtime import Switch
@@ -86,4 +103,24 @@ def cmd_serve(args) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         sw.close()
+    return 0
+
+
+def cmd_serve_ray(args) -> int:
+    try:
+        from .ray_serve import ServeArgs, run
+    except ImportError as e:
+        print(f"meswitch serve --ray needs Ray Serve: pip install 'meswitch[ray]' ({e})", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = ServeArgs(bundle=args.bundle, base=args.base, replicas=args.replicas, autoscale=args.autoscale,
+                    experts_per_replica=args.experts_per_replica, max_memory=args.max_memory, max_batch=args.max_batch,
+                    max_queue=args.max_queue, max_model_len=args.max_model_len, dtype=args.dtype,
+                    backend=args.backend, threads=args.threads or 1, router=not args.no_router, cache_dir=args.cache_dir,
+                    api_key=([args.api_key] if args.api_key else [])
+                    + (read_keys(args.api_key_file) if args.api_key_file else []) or None)
+    scale = f"autoscaled {cfg.autoscale}" if cfg.autoscale else f"{cfg.replicas} replica(s)"
+    print(f"meswitch: deploying {args.bundle} on Ray Serve ({scale}, {cfg.threads} thread(s) each); "
+          f"serving on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    run(cfg, host=args.host, port=args.port)
     return 0
