@@ -16,7 +16,7 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from test_server import KEY, LiveServer, free_port  # noqa: E402
+from test_server import ADMIN, KEY, LiveServer, free_port  # noqa: E402
 
 from meswitch.runtime import Switch  # noqa: E402
 from meswitch.server.conversations import ConversationMemory  # noqa: E402
@@ -39,7 +39,7 @@ def both(served_bundle):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # the arguments as `serve run meswitch.server.ray_serve:app_builder key=value ...` passes them
         args = dict(bundle=f"file://{bundle}", replicas="2", experts_per_replica="1", dtype="float32", max_batch="2",
-                    threads="1", api_key=KEY, cache_dir=str(d / "cache"))
+                    threads="1", api_key=KEY, admin_key=ADMIN, cache_dir=str(d / "cache"))
         serve.run(app_builder(args), name=APP_NAME, route_prefix="/")
         with LiveServer(sw, router=load_router(sw), api_key=KEY) as single:
             single.switch = sw
@@ -167,13 +167,13 @@ def test_conversation_memory_is_shared_outside_the_ingress(both):
 def test_admin_is_refused_clearly(both):
     _, rayep, _ = both
     req = urllib.request.Request(rayep.url + "/admin/experts", method="POST",
-                                 data=json.dumps({"name": "x", "source": "/nowhere"}).encode(),
-                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+                                 data=json.dumps({"name": "x", "source": "other-bundle"}).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN}"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req)
     assert e.value.code == 400 and "not supported on Ray Serve" in json.loads(e.value.read())["error"]["message"]
     req = urllib.request.Request(rayep.url + "/admin/experts/math", method="DELETE",
-                                 headers={"Authorization": f"Bearer {KEY}"})
+                                 headers={"Authorization": f"Bearer {ADMIN}"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req)
     assert e.value.code == 400 and "not supported on Ray Serve" in json.loads(e.value.read())["error"]["message"]

@@ -77,6 +77,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    exception: BaseException | None = field(default=None, repr=False)  # what failed, when finish_reason is "error"
 
 
 _ids = itertools.count(1)

@@ -18,7 +18,7 @@ reaches a client. Inference keys (several may be accepted) and the admin key are
 are compared in constant time (as SHA-256 digests) and never logged.
 
 The app needs only the Switch's serving surface: `bundle` (manifest and expert entries),
-`experts`, `description`, `submit`, `stats`, `add_expert`, `remove_expert`. Another object
+`experts`, `description`, `sync_bundle`, `submit`, `stats`, `add_expert`, `remove_expert`. Another object
 with that surface serves the same API: meswitch.server.ray_serve.RemoteSwitch forwards requests
 to Switch replicas on Ray Serve; its `submit` is a coroutine, its requests may carry
 `response_headers`, and it reports `replica_stats()` for /metrics.
@@ -72,6 +72,10 @@ class UnsupportedOperation(Exception):
     """What this deployment cannot do (e.g. admin changes on Ray Serve replicas)."""
 
 
+class ReplicaGoneError(RuntimeError):
+    """The process serving a request stopped and the request could not be moved (Ray Serve)."""
+
+
 # Typed errors of the runtime and the bundle -> HTTP status, OpenAI error type and code, and
 # whether to send Retry-After. The most specific class an error is an instance of applies. Any
 # other exception is a 500 "internal server error" whose details go to the server log only.
@@ -85,6 +89,7 @@ ERROR_MAP: dict[type[BaseException], tuple[int, str, str | None, bool]] = {
     SourceError: (400, "invalid_request_error", "invalid_source", False),
     RouterError: (400, "invalid_request_error", "cannot_route", False),  # a query `auto` cannot route
     UnsupportedOperation: (400, "invalid_request_error", "unsupported", False),
+    ReplicaGoneError: (503, "server_error", "replica_unavailable", True),
     BundleError: (500, "server_error", "expert_unavailable", False),  # the served bundle is damaged
 }
 
@@ -443,8 +448,12 @@ def create_app(switch, router=None, api_key: str | Sequence[str] | None = None, 
                             break
                         event = await queue.get()
                     if result.finish_reason == "error":
-                        log.error("generation failed: %s", result.error)
-                        yield sse(error_body("generation failed", "server_error"))
+                        err = failure(result)
+                        if isinstance(err, APIError):
+                            yield sse(error_body(err.message, err.type, code=err.code))
+                        else:
+                            _, type_, code, _ = mapped_error(err)
+                            yield sse(error_body(str(err), type_, code=code))
                     else:
                         if messages is not None:
                             app.state.conversations.remember(messages, result.text, label)

@@ -117,7 +117,7 @@ def cmd_serve_ray(args) -> int:
                     experts_per_replica=args.experts_per_replica, max_memory=args.max_memory, max_batch=args.max_batch,
                     max_queue=args.max_queue, max_model_len=args.max_model_len, dtype=args.dtype,
                     backend=args.backend, threads=args.threads or 1, router=not args.no_router, cache_dir=args.cache_dir,
-                    api_key=([args.api_key] if args.api_key else [])
+                    admin_key=args.admin_key or None, api_key=([args.api_key] if args.api_key else [])
                     + (read_keys(args.api_key_file) if args.api_key_file else []) or None)
     scale = f"autoscaled {cfg.autoscale}" if cfg.autoscale else f"{cfg.replicas} replica(s)"
     print(f"meswitch: deploying {args.bundle} on Ray Serve ({scale}, {cfg.threads} thread(s) each); "

@@ -55,7 +55,7 @@ from ray.serve.exceptions import ReplicaUnavailableError as ServeReplicaUnavaila
 
 from ..bundle.format import Bundle, BundleError
 from ..runtime.engine import Completion, QueueFullError, SamplingParams
-from .app import UnsupportedOperation, create_app
+from .app import ReplicaGoneError, UnsupportedOperation, create_app
 from .metrics import process_resident_bytes
 from .ray_state import Coordinator, SharedConversationMemory
 
@@ -90,6 +90,7 @@ class ServeArgs(BaseModel):
     max_ongoing_requests: int | None = Field(default=None, ge=1,
                                              description="requests one replica takes at once (default 2 x max_batch)")
     api_key: str | list[str] | None = Field(default=None, description="inference key, or several")
+    admin_key: str | None = Field(default=None, description="admin key (admin changes are refused on Ray Serve)")
     router: bool = True
     cache_dir: str | None = Field(default=None, description="where URIs are copied (default ~/.cache/meswitch)")
 
@@ -250,6 +251,11 @@ class RemoteSwitch:
     def description(self, name: str) -> str:
         return self.bundle.entry(name).get("description") or ""
 
+    def sync_bundle(self) -> set[str]:
+        """The deployment serves the bundle it started with (replicas hold their own copies):
+        changes to the bundle take effect on redeploy, so there is nothing to take again."""
+        return set()
+
     def add_expert(self, *args, **kw) -> None:
         raise UnsupportedOperation("adding experts at run time is not supported on Ray Serve: add the expert to the bundle "
                           "(`meswitch compress --out BUNDLE`) and redeploy")
@@ -305,7 +311,7 @@ class RemoteSwitch:
 
         def fail(message: str) -> None:
             log.warning("request failed: %s", message)
-            finish(Completion(0, expert, "", [], "error", 0, 0, message))
+            finish(Completion(0, expert, "", [], "error", 0, 0, message, exception=ReplicaGoneError(message)))
 
         while True:
             try:
@@ -378,11 +384,11 @@ class Ingress:
         bundle = Bundle.open(local_copy(cfg.bundle, cfg.cache_dir))
         self.switch = RemoteSwitch(bundle, replicas, coordinator)
         self.router = load_bundle_router(bundle) if cfg.router else None
-        self.api_key = cfg.api_key
+        self.api_key, self.admin_key = cfg.api_key, cfg.admin_key
         self.coordinator = coordinator
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.switch, router=self.router, api_key=self.api_key,
+        return create_app(self.switch, router=self.router, api_key=self.api_key, admin_key=self.admin_key,
                           conversations=SharedConversationMemory(self.coordinator))
 
 
