@@ -41,12 +41,16 @@ class Head:
 
     def logits(self, x) -> np.ndarray:
         if isinstance(x, list):  # column blocks side by side (hybrid features), not concatenated
-            out, start = self.intercept.astype(np.float64), 0
-            for block in x:
-                out = out + np.asarray(block @ self.coef[:, start:start + block.shape[1]].T)
-                start += block.shape[1]
-            if start != self.coef.shape[1]:
-                raise RouterError(f"router head expects {self.coef.shape[1]} features, the blocks have {start}")
+            widths = tuple(block.shape[1] for block in x)
+            if sum(widths) != self.coef.shape[1]:
+                raise RouterError(f"router head expects {self.coef.shape[1]} features, the blocks have {sum(widths)}")
+            if getattr(self, "_block_widths", None) != widths:  # each block's coefficients, contiguous, once
+                edges = np.cumsum((0,) + widths)
+                self._blocks = [np.ascontiguousarray(self.coef[:, a:b].T) for a, b in itertools.pairwise(edges)]
+                self._block_widths = widths
+            out = self.intercept.astype(np.float64)
+            for block, w in zip(x, self._blocks, strict=True):
+                out = out + np.asarray(block @ w)
             return out
         if sparse.issparse(x):  # tf-idf rows: not standardised (mean 0, scale 1)
             return np.asarray(x @ self.coef.T) + self.intercept
