@@ -158,13 +158,16 @@ def check_expert_entry(name, entry, what: str) -> None:
             raise UnsafePathError(f"{what}: expert {name!r}: file {rel} is neither its weights nor in its aux_dir")
 
 
+ROUTER_FILE_KEYS = ("weights", "vocabulary", "tokenizer")  # a router entry's paths (each also in its `files`)
+
+
 def check_router_entry(entry, what: str) -> None:
     if not isinstance(entry, dict):
         raise BundleError(f"{what}: 'router' is not an object")
     files = _check_files(entry.get("files", {}), f"{what}: router")
     for rel in files:
         check_relpath(rel, ROUTER_DIR, f"{what}: router file")
-    for key in ("weights", "vocabulary"):
+    for key in ROUTER_FILE_KEYS:
         rel = entry.get(key)
         if rel is not None:
             check_relpath(rel, ROUTER_DIR, f"{what}: router {key}")
@@ -198,7 +201,7 @@ def owned_paths(manifest: dict) -> set[str]:
     for entry in manifest.get("experts", {}).values():
         rels += [entry.get("weights"), entry.get("aux_dir"), *entry.get("files", {})]
     router = manifest.get("router") or {}
-    rels += [router.get("weights"), router.get("vocabulary"), *router.get("files", {})]
+    rels += [*(router.get(k) for k in ROUTER_FILE_KEYS), *router.get("files", {})]
     return {"/".join(PurePosixPath(r).parts[:2]) for r in rels if r}
 
 
