@@ -57,9 +57,8 @@ class HotExpert:
         """Memory beyond the expert's packed deltas (which the store counts on their own)."""
         n = sum(r.nbytes for r in self.linear if r is not None)
         n += sum(t.numel() * t.element_size() for t in (*self.bias_fix.values(), *self.norm.values()))
-        for t in (self.embed_extra, self.head_extra):
-            if t is not None:
-                n += t.numel() * t.element_size()
+        for t in {id(t): t for t in (self.embed_extra, self.head_extra) if t is not None}.values():  # tied: one
+            n += t.numel() * t.element_size()
         return n
 
 

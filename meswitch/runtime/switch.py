@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import threading
@@ -25,15 +26,13 @@ from ..checkpoints import Checkpoint, fingerprint
 from ..hardware import resolve_dtype
 from .attention import register_attention
 from .backend import get_backend
-from .engine import Completion, Engine, Request, RequestError, SamplingParams
+from .engine import (Completion, ContextLengthError, Engine, Request, RequestError,  # noqa: F401 (re-exported)
+                     SamplingParams)
 from .layers import DeltaContext, install_delta_layers
-from .store import ExpertStore, parse_memory
+from .store import DEFAULT_BUDGET_FRACTION, ExpertStore, default_budget, parse_memory
 
+log = logging.getLogger("meswitch.runtime")
 Prompt = str | list[dict]
-
-
-class ContextLengthError(RequestError):
-    """The prompt leaves no room in the context for a generated token."""
 
 
 class SourceError(BundleError):
@@ -63,26 +62,6 @@ class Switch:
         self._admin_lock = threading.Lock()
         # Experts changed in the bundle (by this Switch or another process): drop what was read.
         bundle.add_listener(self._forget)
-        # The engine reports why it failed a request only as text (Completion.error); until it
-        # keeps the exception, the Switch notes the one the store raised while admitting a request
-        # (in the engine thread, just before that request is failed) and attaches it to the
-        # Completion as `exception`, so that callers can tell errors apart by type.
-        self._admission = threading.local()
-        # (An expert removed while a request for it waited is reported as unknown, a 404 to HTTP.)
-        acquire = store.try_acquire
-
-        def try_acquire(name):
-            self._admission.error = None
-            try:
-                if name not in bundle.experts:
-                    raise UnknownExpertError(f"expert {name!r} was removed before this request started")
-                return acquire(name)
-            except Exception as e:
-                self._admission.error = e
-                raise
-
-        store.try_acquire = try_acquire
-
     # ----- construction ------------------------------------------------------------------------
     @classmethod
     def load(cls, bundle: str | os.PathLike | Bundle, base: str | os.PathLike | None = None, *,
@@ -96,7 +75,9 @@ class Switch:
         base the deltas were computed against (checked by fingerprint).
         dtype: "auto" (bfloat16 where the CPU has native bf16, else float32; meswitch.hardware),
         "float32" (greedy output equals the materialized expert's), "bfloat16" or "float16".
-        backend: "auto", "cpu" or "reference" (runtime/backend.py)."""
+        backend: "auto", "cpu" or "reference" (runtime/backend.py).
+        max_memory: budget for expert deltas and the KV cache (e.g. "2GiB"); default: 80% of the
+        memory available once the base is loaded (runtime/store.py)."""
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         dtype = resolve_dtype(dtype)
         if threads:
@@ -115,10 +96,19 @@ class Switch:
         be = get_backend(backend)
         ctx = DeltaContext(be)
         wrapped = install_delta_layers(model, ctx)
+        budget = parse_memory(max_memory)
+        if budget is None:  # experts are evicted before the process runs out of memory
+            budget = default_budget()
+            log.info("memory budget for experts and KV cache: %.0f MiB (%.0f%% of the memory available; "
+                     "set max_memory to change it)", budget / 2**20, DEFAULT_BUDGET_FRACTION * 100)
         store = ExpertStore(b, wrapped, be, dtype, tied=bool(model.config.tie_word_embeddings),
-                            max_memory=parse_memory(max_memory), verify=verify)
+                            max_memory=budget, verify=verify)
         engine = Engine(model, store, ctx, max_batch=max_batch, max_queue=max_queue,
                         max_step_tokens=max_step_tokens, max_model_len=max_model_len, dtype=dtype)
+        # The KV cache counts in the budget; experts make room when it grows; loads wake the engine.
+        store.other_bytes = lambda: engine.cache.nbytes
+        store.on_change = engine.wake
+        engine.cache.on_grow = store.make_room
         sw = cls(b, model, tokenizer, store, engine, dtype)
         if start:
             engine.start()
@@ -272,23 +262,8 @@ class Switch:
         is called from the engine thread as text is produced, and once more when it finishes."""
         self.sync_bundle()
         params = sampling.pop("params", None) or SamplingParams(**sampling)
-        ids = self.encode(prompt, expert)
-        if len(ids) >= self.engine.max_model_len:
-            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context length is "
-                                     f"{self.engine.max_model_len} (prompt plus at least one generated token must fit)")
-        if params.seed is not None and not -2**63 <= params.seed < 2**63:
-            raise RequestError(f"seed must be a 64-bit integer, got {params.seed}")
-
-        def update(req, delta, done):
-            if done is not None and done.finish_reason == "error":
-                err = getattr(self._admission, "error", None)
-                self._admission.error = None
-                if err is not None and str(err) == done.error:
-                    done.exception = err
-            if on_update is not None:
-                on_update(req, delta, done)
-
-        req = Request(ids, expert, params, self.tokenizer(expert), self.eos_ids(expert), update)
+        ids = self.encode(prompt, expert)  # the engine checks the length and the parameters
+        req = Request(ids, expert, params, self.tokenizer(expert), self.eos_ids(expert), on_update)
         return self.engine.submit(req)
 
     def generate(self, prompts: Prompt | list[Prompt], expert: str | None | list[str | None] = None,

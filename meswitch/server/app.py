@@ -44,10 +44,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..bundle.format import BundleError, ExpertExistsError, UnknownExpertError
-from ..runtime.engine import QueueFullError, RequestError, SamplingParams
+from ..runtime.engine import ContextLengthError, EngineStoppedError, QueueFullError, RequestError, SamplingParams
 from ..runtime.store import MemoryBudgetError
 from ..router.errors import RouterError
-from ..runtime.switch import ContextLengthError, SourceError
+from ..runtime.switch import SourceError
 from .conversations import ConversationMemory
 from .metrics import ServerMetrics
 from .schemas import AddExpertRequest, ChatCompletionRequest, CompletionRequest
@@ -84,6 +84,7 @@ ERROR_MAP: dict[type[BaseException], tuple[int, str, str | None, bool]] = {
     RequestError: (400, "invalid_request_error", None, False),
     QueueFullError: (429, "rate_limit_exceeded", "queue_full", True),
     MemoryBudgetError: (503, "server_error", "memory_budget_exceeded", True),
+    EngineStoppedError: (503, "server_error", "shutting_down", False),
     UnknownExpertError: (404, "invalid_request_error", "model_not_found", False),
     ExpertExistsError: (409, "invalid_request_error", "expert_exists", False),
     SourceError: (400, "invalid_request_error", "invalid_source", False),
