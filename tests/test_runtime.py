@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM
 from meswitch.bundle.format import Bundle
 from meswitch.cli import main
 from meswitch.compression.packing import pack_codes, unpack_codes, unpack_codes_reference
-from meswitch.bundle.format import UnknownExpertError
-from meswitch.runtime import MemoryBudgetError, QueueFullError, RequestError, Switch, parse_memory
+from meswitch.bundle.format import BaseMismatchError, UnknownExpertError
+from meswitch.runtime import MemoryBudgetError, QueueFullError, RequestError, SourceError, Switch, parse_memory
 from meswitch.runtime.engine import EngineStoppedError, Request, SamplingParams
 
 FP32_LOGIT_TOL = 1e-4  # float32: same math, other summation order
@@ -429,6 +429,13 @@ def test_loading_is_lazy_and_prefetched(rt):
         assert s["store_prefetches"] == 1 and s["store_disk_loads"] == 1 and s["store_hot_builds"] == 1
         sw.generate("x", expert="code", max_tokens=1)
         assert sw.stats()["store_hits"] >= 1 and sw.stats()["store_disk_loads"] == 1
+        pinned = sw.store.acquire_blocking("code")
+        assert not sw.store.evict("code")  # in use: stays
+        sw.store.release(pinned)
+        assert sw.store.evict("code") and sw.stats()["residency"]["code"] == "disk"
+        assert not sw.store.evict("code") and sw.store.memory_bytes() == 0
+        sw.generate("x", expert="code", max_tokens=1)
+        assert sw.stats()["store_disk_loads"] == 2 and sw.stats()["residency"]["code"] == "hot"
 
 
 def test_experts_added_and_removed_at_run_time(rt, tmp_path, tokenizer):
@@ -461,14 +468,15 @@ def test_experts_added_and_removed_at_run_time(rt, tmp_path, tokenizer):
     assert main(["compress", "--base", str(tmp_path / "base2"), "--expert", f"alien={tmp_path / 'e2'}",
                  "--out", str(tmp_path / "alien")]) == 0
     with Switch.load(tmp_path / "live", dtype="float32") as sw:
-        with pytest.raises(Exception, match="base"):
+        with pytest.raises(SourceError, match="base mismatch") as e:
             sw.add_expert("alien", tmp_path / "alien")
+        assert isinstance(e.value.__cause__, BaseMismatchError)
         assert "alien" not in sw.experts
 
 
 def test_a_bundle_refuses_another_base(rt, tmp_path, tokenizer):
     other = save_checkpoint(random_model(seed=42), tokenizer, tmp_path / "other")
-    with pytest.raises(Exception, match="base mismatch"):
+    with pytest.raises(BaseMismatchError, match="base mismatch"):
         Switch.load(rt / "bundle", base=other)
 
 

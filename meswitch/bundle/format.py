@@ -69,6 +69,10 @@ class ExpertExistsError(BundleError):
     """An expert of that name is already in the bundle (and replacing it was not asked for)."""
 
 
+class BaseMismatchError(BundleError):
+    """Deltas computed against another base than the one given (fingerprints differ)."""
+
+
 class UnsafePathError(BundleError):
     """A manifest names a path outside its bundle (absolute, `..`, or through a symlink)."""
 
@@ -332,7 +336,7 @@ class Bundle:
 
     def check_base_fingerprint(self, fingerprint: str, reference: str = "the given base") -> None:
         if fingerprint != self.base_fingerprint:
-            raise BundleError(
+            raise BaseMismatchError(
                 f"base mismatch: bundle {self.path} was computed against a base with fingerprint "
                 f"{self.base_fingerprint} ({self.manifest['base'].get('reference')}), but {reference} has "
                 f"fingerprint {fingerprint}; its deltas would produce wrong weights on this base"

@@ -363,6 +363,17 @@ class ExpertStore:
             self.stats["packed_evictions"] += 1
         return True
 
+    def evict(self, name: str) -> bool:
+        """Drop an expert's packed and compute-ready forms now (back to disk; its file stays
+        verified). False if running requests use it (it stays) or it is not in memory."""
+        with self._lock:
+            e = self._entries.get(name)
+            if e is None or e.pins > 0 or name in self._loading:
+                return False
+            del self._entries[name]
+            self.stats["packed_evictions"] += 1
+            return True
+
     # ----- experts added, replaced and removed at run time ------------------------------------------------
     def forget(self, name: str) -> None:
         """Drop an expert's memory (it was removed or replaced in the bundle). Forms pinned by

@@ -12,7 +12,7 @@
 //
 // The kernel never expands D: per output row it reads the row's packed codes, turns them into
 // floats in registers, rebuilds w = code * scale + offset there (one FMA per 16 weights) and
-// accumulates w * x for up to 4 tokens at once (ROW_TOKENS).
+// accumulates w * x for up to 4 tokens at once (8 with AVX-512; ROW_TOKENS).
 //
 // Reading codes. For b in {1, 2, 4, 8} a row is read in blocks of 16 bytes (128/b codes): the 16
 // bytes are widened to 16 lanes, and lane i of "plane" p = (byte_i >> p*b) & mask holds code
@@ -33,8 +33,8 @@
 //   NATURAL  column order. 3-bit codes, and groups that straddle blocks.
 // The activations are float32 whatever the model's dtype, so bf16 / fp16 activations are
 // accumulated in float32 too. Salient columns are gathered apart (xs) and added per row.
-// For more than 4 tokens each row is rebuilt once into a float buffer and dotted with 4 tokens
-// at a time; for many tokens the caller dequantizes the matrix and uses a GEMM instead.
+// For more than ROW_TOKENS tokens each row is rebuilt once into a float buffer and dotted with
+// ROW_TOKENS tokens at a time; for many tokens the caller dequantizes the matrix and uses a GEMM instead.
 
 typedef float vf __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
@@ -46,7 +46,14 @@ typedef uint8_t vb16 __attribute__((vector_size(16)));
 #define HOT inline __attribute__((always_inline))
 
 constexpr int LANES = 16;
-constexpr int ROW_TOKENS = 4;  // tokens accumulated together against one row
+// Tokens accumulated together against one row: one accumulator vector per token stays in a
+// register. AVX-512 has 32 vector registers (8 tokens: 8 accumulators + codes + step sizes);
+// AVX2 has 16 of 8 lanes, so a 16-lane vector takes two and 4 tokens already use 8.
+#if MESWITCH_ISA == 2
+constexpr int ROW_TOKENS = 8;
+#else
+constexpr int ROW_TOKENS = 4;
+#endif
 constexpr int BLOCK_BYTES = 16;
 
 static inline int64_t padded(int64_t n) { return (n + LANES - 1) & ~int64_t(LANES - 1); }
@@ -83,11 +90,11 @@ static HOT float hsum(vf v) {
 // store and a load per step, so they are named variables; the unused ones fold away). An FMA
 // takes 4 cycles before its result can be added to again, so one chain per token would stall:
 // with fewer than 4 tokens each token gets SLOTS = 4 / NT chains, and consecutive vectors of
-// codes go to consecutive slots.
+// codes go to consecutive slots. NT up to ROW_TOKENS (8 on AVX-512).
 template <int NT>
 struct Acc {
   static constexpr int SLOTS = NT == 1 ? 4 : NT == 2 ? 2 : 1;
-  vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  vf a0 = {}, a1 = {}, a2 = {}, a3 = {}, a4 = {}, a5 = {}, a6 = {}, a7 = {};
 
   template <int SLOT>
   HOT void add(vf w, const float* x, int64_t stride) {
@@ -110,6 +117,10 @@ struct Acc {
       a1 += w * loadf(x + stride);
       a2 += w * loadf(x + 2 * stride);
       if constexpr (NT > 3) a3 += w * loadf(x + 3 * stride);
+      if constexpr (NT > 4) a4 += w * loadf(x + 4 * stride);
+      if constexpr (NT > 5) a5 += w * loadf(x + 5 * stride);
+      if constexpr (NT > 6) a6 += w * loadf(x + 6 * stride);
+      if constexpr (NT > 7) a7 += w * loadf(x + 7 * stride);
     }
   }
 
@@ -124,6 +135,10 @@ struct Acc {
       acc[1] = hsum(a1);
       acc[2] = hsum(a2);
       if constexpr (NT > 3) acc[3] = hsum(a3);
+      if constexpr (NT > 4) acc[4] = hsum(a4);
+      if constexpr (NT > 5) acc[5] = hsum(a5);
+      if constexpr (NT > 6) acc[6] = hsum(a6);
+      if constexpr (NT > 7) acc[7] = hsum(a7);
     }
   }
 };
@@ -304,7 +319,15 @@ static void dot_token_block(int nt, const float* w, const float* x, int64_t stri
     case 1: return dot_tokens<1>(w, x, stride, n16, acc);
     case 2: return dot_tokens<2>(w, x, stride, n16, acc);
     case 3: return dot_tokens<3>(w, x, stride, n16, acc);
+#if MESWITCH_ISA == 2
+    case 4: return dot_tokens<4>(w, x, stride, n16, acc);
+    case 5: return dot_tokens<5>(w, x, stride, n16, acc);
+    case 6: return dot_tokens<6>(w, x, stride, n16, acc);
+    case 7: return dot_tokens<7>(w, x, stride, n16, acc);
+    default: return dot_tokens<8>(w, x, stride, n16, acc);
+#else
     default: return dot_tokens<4>(w, x, stride, n16, acc);
+#endif
   }
 }
 
@@ -357,7 +380,15 @@ static void fused_rows_t(const Desc& d, int64_t o, int nt, const float* xq, int6
     case 1: return fused_row<B, 1>(d, o, xq, stride, acc);
     case 2: return fused_row<B, 2>(d, o, xq, stride, acc);
     case 3: return fused_row<B, 3>(d, o, xq, stride, acc);
+#if MESWITCH_ISA == 2
+    case 4: return fused_row<B, 4>(d, o, xq, stride, acc);
+    case 5: return fused_row<B, 5>(d, o, xq, stride, acc);
+    case 6: return fused_row<B, 6>(d, o, xq, stride, acc);
+    case 7: return fused_row<B, 7>(d, o, xq, stride, acc);
+    default: return fused_row<B, 8>(d, o, xq, stride, acc);
+#else
     default: return fused_row<B, 4>(d, o, xq, stride, acc);
+#endif
   }
 }
 
