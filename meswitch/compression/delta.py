@@ -43,7 +43,7 @@ class QuantizedDelta:
         return self.shape[1] - self.salient_idx.numel()
 
     def quantized_columns(self) -> torch.Tensor:
-        keep = torch.ones(self.shape[1], dtype=torch.bool)
+        keep = torch.ones(self.shape[1], dtype=torch.bool, device=self.packed.device)
         keep[self.salient_idx.long()] = False
         return keep.nonzero().squeeze(1)
 
@@ -53,7 +53,7 @@ class QuantizedDelta:
     def dequantize(self) -> torch.Tensor:
         """The reconstructed delta of the base rows, float32 [out, in]."""
         out, cols = self.shape
-        delta = torch.empty(out, cols, dtype=torch.float32)
+        delta = torch.empty(out, cols, dtype=torch.float32, device=self.packed.device)
         if self.n_quantized_cols:
             # scale/offset of shape [1, groups] (one per matrix) broadcast over the rows.
             delta[:, self.quantized_columns()] = dequantize_codes(self.codes(), self.params)
@@ -193,3 +193,17 @@ def apply_delta(base: torch.Tensor, delta: CompressedDelta, dtype: torch.dtype) 
     if delta.extra_rows is not None:
         w = torch.cat([w, delta.extra_rows.to(dtype)], dim=0)
     return w
+
+
+def delta_to(delta: CompressedDelta, device: torch.device | str) -> CompressedDelta:
+    """The same delta with every stored tensor on `device` (itself when they are there already)."""
+    device = torch.device(device)
+    if delta.packed.device == device if isinstance(delta, QuantizedDelta) else delta.values.device == device:
+        return delta
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    if isinstance(delta, QuantizedDelta):
+        p = delta.params
+        return QuantizedDelta(delta.shape, delta.bits, move(delta.packed),
+                              AffineParams(move(p.scale), move(p.offset), p.group_size), move(delta.salient_idx),
+                              move(delta.salient_values), move(delta.extra_rows))
+    return DenseDelta(move(delta.values), move(delta.extra_rows), move(delta.patch_index), move(delta.patch_values))

@@ -56,7 +56,20 @@ def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
         )
     if bits == 8:
         return packed.clone()
+    if packed.device.type != "cpu":
+        return _unpack_on_device(packed, bits, cols)
     return _unpack_fast(packed, bits, cols)
+
+
+def _unpack_on_device(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Unpacking with torch ops on the tensor's own device (a GPU): code j is read from the 16-bit
+    window of bytes (j*b)//8 and (j*b)//8 + 1, shifted by (j*b) % 8 (no code spans three bytes)."""
+    rows, nbytes = packed.shape
+    p = torch.nn.functional.pad(packed, (0, 1)).to(torch.int32)
+    bit = torch.arange(cols, device=packed.device) * bits
+    byte, shift = bit // 8, (bit % 8).to(torch.int32)
+    window = p[:, byte] | (p[:, byte + 1] << 8)
+    return ((window >> shift) & ((1 << bits) - 1)).to(torch.uint8)
 
 
 def _unpack_fast(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
