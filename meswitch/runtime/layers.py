@@ -74,15 +74,19 @@ class DeltaContext(threading.local):
         self.backend = backend
         self.clear()
 
-    def set(self, segments: Segments, n_tokens: int, head_segments: Segments, n_head_rows: int) -> None:
+    def set(self, segments: Segments, n_tokens: int, head_segments: Segments, n_head_rows: int,
+            added_tokens: bool | None = None) -> None:
         """segments: (expert, a, b) over the n_tokens of the pass; head_segments: over the
-        n_head_rows positions whose logits are computed."""
+        n_head_rows positions whose logits are computed; added_tokens: whether some token id is
+        beyond the base vocabulary (known on the host; None: the embedding checks on the device)."""
+        self.added_tokens = added_tokens
         self.segments, self.n_tokens = segments, n_tokens
         self.head_segments, self.n_head_rows = head_segments, n_head_rows
         self.plan = self.backend.plan([(h.table, a, b) for h, a, b in segments]) if segments else None
         self.head_plan = self.backend.plan([(h.table, a, b) for h, a, b in head_segments]) if head_segments else None
 
     def clear(self) -> None:
+        self.added_tokens = None
         self.segments, self.n_tokens, self.plan = [], 0, None
         self.head_segments, self.n_head_rows, self.head_plan = [], 0, None
 
@@ -187,7 +191,8 @@ class DeltaEmbedding(nn.Module):
         if segs and flat.numel() != self.ctx.n_tokens:
             raise DeltaLayerError(f"{self.path}: {flat.numel()} token ids, the pass has {self.ctx.n_tokens}")
         added = flat >= vocab
-        any_added = bool(added.any())
+        # a host sync only outside the engine (which says whether the pass has added tokens)
+        any_added = bool(added.any()) if self.ctx.added_tokens is None else self.ctx.added_tokens
         y = self.base(flat.clamp(max=vocab - 1) if any_added else flat)
         backend = self.ctx.backend
         for exp, a, b in segs:
