@@ -120,11 +120,18 @@ def prepare(d: QuantizedDelta) -> TritonReady:
     return TritonReady(d, torch.tensor(fields, dtype=torch.int64), keep)
 
 
+# The kernels are plain functions here, compiled per device kind by _kernel(): Triton's JIT on a
+# CUDA device, its interpreter on the CPU. (The choice is not left to @triton.jit, which decides
+# once at import from TRITON_INTERPRET: a process may use both, e.g. the tests on a GPU machine.)
 if triton is not None:
-    @triton.jit
     def _segmented_delta_kernel(x_ptr, y_ptr, plan_ptr, layer, OUT, stride_x, stride_y,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                BLOCK_S: tl.constexpr, DESC: tl.constexpr, IEEE: tl.constexpr):
+                                BLOCK_S: tl.constexpr, DESC: tl.constexpr, IEEE: tl.constexpr,
+                                UPCAST: tl.constexpr):
+        # IEEE: float32 activations, multiplied in float32 (not TF32). Otherwise the delta tile is
+        # rounded to the activations' 16-bit dtype and multiplied on the tensor cores with float32
+        # accumulation. UPCAST: the same products computed in float32 (exact for 16-bit
+        # operands), for Triton's interpreter, whose tl.dot mishandles bfloat16.
         pid_n = tl.program_id(0)
         seg = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -155,7 +162,7 @@ if triton is not None:
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < OUT
             x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # (tl.zeros is a jit function: not interpretable here)
             code_rows = codes + offs_n.to(tl.int64)[:, None] * row_bytes
             scale_rows = offs_n.to(tl.int64)[:, None] * scale_stride
 
@@ -181,6 +188,9 @@ if triton is not None:
                 w = code.to(tl.float32) * s + o  # [BLOCK_N, BLOCK_K]: the delta tile, rebuilt
                 if IEEE:
                     acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
+                elif UPCAST:
+                    acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(xt.dtype).to(tl.float32)), acc,
+                                 input_precision="ieee")
                 else:
                     acc = tl.dot(xt, tl.trans(w.to(xt.dtype)), acc)
 
@@ -193,6 +203,9 @@ if triton is not None:
                             mask=mask_n[:, None] & mask_s[None, :], other=0.0)
                 if IEEE:
                     acc = tl.dot(xt, tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+                elif UPCAST:
+                    acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(xt.dtype).to(tl.float32)), acc,
+                                 input_precision="ieee")
                 else:
                     acc = tl.dot(xt, tl.trans(w.to(xt.dtype)), acc)
 
@@ -201,7 +214,6 @@ if triton is not None:
             y_old = tl.load(y_tile, mask=out_mask, other=0.0).to(tl.float32)
             tl.store(y_tile, (y_old + acc).to(y_ptr.dtype.element_ty), mask=out_mask)
 
-    @triton.jit
     def _dequantize_kernel(desc_ptr, rows_ptr, out_ptr, n_rows, stride_out,
                            HAS_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[i, colmap[q]] = code * step + offset for rows `rows` (or all rows) of one delta."""
@@ -246,6 +258,27 @@ if triton is not None:
                  w.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
 
+_compiled: dict = {}
+
+
+def _kernel(fn, device: torch.device):
+    """fn compiled for `device`: Triton's JIT on CUDA, its interpreter on the CPU (cached)."""
+    interpret = device.type != "cuda"
+    key = (fn.__name__, interpret)
+    k = _compiled.get(key)
+    if k is None:
+        if interpret:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            k = InterpretedFunction(fn)
+        else:
+            from triton.runtime.jit import JITFunction
+
+            k = JITFunction(fn)
+        _compiled[key] = k
+    return k
+
+
 def segmented_delta_mm(x: torch.Tensor, y: torch.Tensor, plan: torch.Tensor, layer: int, max_tokens: int) -> None:
     """y[a:b] += x[a:b] @ delta^T for every segment: plan is int64 [S, 3] on x's device, each row
     (address of an expert's descriptor table [layers, DESC_FIELDS] on the device, a, b); the
@@ -257,9 +290,10 @@ def segmented_delta_mm(x: torch.Tensor, y: torch.Tensor, plan: torch.Tensor, lay
     out = y.shape[1]
     assert x.stride(1) == 1 and y.stride(1) == 1 and x.dtype == y.dtype and plan.is_contiguous()
     grid = (triton.cdiv(out, BLOCK_N), segments, triton.cdiv(max_tokens, BLOCK_M))
-    _segmented_delta_kernel[grid](x, y, plan, layer, out, x.stride(0), y.stride(0),
+    _kernel(_segmented_delta_kernel, x.device)[grid](x, y, plan, layer, out, x.stride(0), y.stride(0),
                                   BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_S=BLOCK_S,
-                                  DESC=DESC_FIELDS, IEEE=x.dtype == torch.float32)
+                                  DESC=DESC_FIELDS, IEEE=x.dtype == torch.float32,
+                                  UPCAST=x.device.type != "cuda")
 
 
 def dequantize(r: TritonReady, dtype: torch.dtype, rows: torch.Tensor | None = None,
@@ -276,7 +310,7 @@ def dequantize(r: TritonReady, dtype: torch.dtype, rows: torch.Tensor | None = N
         desc = r.desc.to(device) if desc is None else desc
         ids = rows.to(device=device, dtype=torch.int64).contiguous() if rows is not None else desc
         grid = (triton.cdiv(out_rows, 16), triton.cdiv(d.n_quantized_cols, 64))
-        _dequantize_kernel[grid](desc, ids, dense, out_rows, dense.stride(0), HAS_ROWS=rows is not None,
+        _kernel(_dequantize_kernel, device)[grid](desc, ids, dense, out_rows, dense.stride(0), HAS_ROWS=rows is not None,
                                  BLOCK_R=16, BLOCK_K=64)
     if d.salient_idx.numel():
         vals = d.salient_values if rows is None else d.salient_values.index_select(0, rows.to(device))
