@@ -226,3 +226,21 @@ def test_cuda_greedy_equals_the_materialized_expert_and_mixed_batches(rt, monkey
             want = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                                 pad_token_id=0)[0, len(ids):].tolist()
             assert got == want, e
+
+
+@cuda
+def test_cuda_quantization_matches_the_cpu():
+    """`compress --device cuda`: the salient and clipping searches on the GPU give the CPU's result
+    (up to float summation order: nearly every code equal, the same salient columns)."""
+    from meswitch.compression.methods import quantize_matrix
+
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(256, 512, generator=g) * 0.01
+    delta[:, 7] *= 40  # a clear outlier column
+    w = torch.rand(512, generator=g)
+    cpu = quantize_matrix(delta, 2, 0, 5, w)
+    gpu = quantize_matrix(delta.cuda(), 2, 0, 5, w.cuda())
+    assert gpu.packed.device.type == "cuda"
+    assert torch.equal(gpu.salient_idx.cpu(), cpu.salient_idx) and 7 in cpu.salient_idx.tolist()
+    assert (gpu.codes().cpu() == cpu.codes()).float().mean() > 0.999
+    assert (gpu.dequantize().cpu() - cpu.dequantize()).abs().max() < 0.1 * delta.abs().max()
