@@ -268,15 +268,31 @@ class Engine:
             budget -= len(chunk)
             work.append((req, chunk, req.cursor, req.cursor + len(chunk) == len(req.prompt_ids)))
         logits = self.forward(work)
-        row = 0
+        sampled = [req for req, _, _, sample in work if sample]
+        greedy = self._greedy_tokens(sampled, logits)
         for req, toks, past, sample in work:
             if req.cursor < len(req.prompt_ids):
                 req.cursor += len(toks)
                 self.stats["prompt_tokens"] += len(toks)
-            if sample:
-                self._accept(req, self._sample(req, logits[row]))
-                row += 1
+        for row, req in enumerate(sampled):
+            self._accept(req, greedy[row] if row in greedy else self._sample(req, logits[row]))
         return True
+
+    def _vocab(self, req: Request) -> int:
+        return req.hot.vocab_size if req.hot is not None and req.hot.vocab_size else self.base_vocab
+
+    def _greedy_tokens(self, reqs: list[Request], logits: torch.Tensor) -> dict[int, int]:
+        """The argmax of every greedy request's logits row, one device read per vocabulary size
+        (normally one per step) rather than one per request."""
+        by_vocab: dict[int, list[int]] = {}
+        for row, req in enumerate(reqs):
+            if req.params.temperature < MIN_TEMPERATURE:
+                by_vocab.setdefault(self._vocab(req), []).append(row)
+        out: dict[int, int] = {}
+        for vocab, rows in by_vocab.items():
+            idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
+            out.update(zip(rows, logits.index_select(0, idx)[:, :vocab].float().argmax(-1).tolist()))
+        return out
 
     def forward(self, work: list[tuple[Request, list[int], int, bool]], all_positions: bool = False) -> torch.Tensor:
         """One forward pass of the base with delta layers over a ragged batch.
@@ -371,8 +387,7 @@ class Engine:
 
     # ----- sampling and stopping ----------------------------------------------------------------
     def _sample(self, req: Request, logits: torch.Tensor) -> int:
-        vocab = req.hot.vocab_size if req.hot is not None and req.hot.vocab_size else self.base_vocab
-        logits = logits[:vocab].float()
+        logits = logits[:self._vocab(req)].float()
         p = req.params
         # Below MIN_TEMPERATURE the float32 distribution is one-hot anyway, and 1/T overflows
         # (T = 5e-324 is 0 in float32): greedy.
