@@ -50,6 +50,14 @@ class QuantizedDelta:
     def codes(self) -> torch.Tensor:
         return unpack_codes(self.packed, self.bits, self.n_quantized_cols)
 
+    def stored_tensors(self) -> tuple[torch.Tensor, ...]:
+        """(codes, step sizes, offsets, salient indices, salient values), contiguous and in the
+        stored dtypes, as kernels read them in place (the tensors themselves when a bundle holds
+        them so; copies otherwise)."""
+        return (self.packed.contiguous(), self.params.scale.to(torch.float16).contiguous(),
+                self.params.offset.to(torch.float16).contiguous(), self.salient_idx.to(torch.int32).contiguous(),
+                self.salient_values.to(torch.float16).contiguous())
+
     def dequantize(self) -> torch.Tensor:
         """The reconstructed delta of the base rows, float32 [out, in]."""
         out, cols = self.shape

@@ -149,7 +149,54 @@ def dequantize_rows(d: QuantizedDelta, ids: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-# ----- the CPU kernel backend ---------------------------------------------------------------------
+# ----- the kernel backends (CPU and Triton): products straight from the stored codes --------------
+class StoredCodesBackend:
+    """What the CPU and Triton backends share: quantized deltas are read in their stored form
+    (`_pack`: a descriptor, no copy); 16-bit deltas and segments of dense_min_tokens tokens or
+    more (prompt prefill) go through PyTorch (`_python_segments`), the latter as one
+    dequantization (`_dequantize`) plus a GEMM. Subclasses run the kernel over the rest."""
+    name = "kernel"
+    dense_min_tokens = DENSE_MIN_TOKENS
+
+    def _pack(self, delta: QuantizedDelta) -> ReadyDelta:
+        raise NotImplementedError
+
+    def _pack_nbytes(self, delta: QuantizedDelta) -> int:
+        raise NotImplementedError
+
+    def _dequantize(self, r: ReadyDelta, dtype: torch.dtype, rows: torch.Tensor | None = None,
+                    table=None, layer: int = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, delta: CompressedDelta, dtype: torch.dtype) -> ReadyDelta:
+        if isinstance(delta, QuantizedDelta):
+            return self._pack(delta)
+        return DenseReady(delta.values.to(dtype), delta)
+
+    def ready_nbytes(self, delta: CompressedDelta, dtype: torch.dtype) -> int:
+        if len(delta.shape) != 2:
+            return 0
+        if isinstance(delta, QuantizedDelta):
+            return self._pack_nbytes(delta)
+        return 0 if delta.values.dtype == dtype else delta.shape[0] * delta.shape[1] * dtype.itemsize
+
+    def _python_segments(self, x: torch.Tensor, y: torch.Tensor, segments: list, layer: int) -> None:
+        for table, a, b in segments:
+            r = table.ready[layer]
+            if isinstance(r, DenseReady):
+                y[a:b].add_(F.linear(x[a:b], r.weight))
+            elif r is not None and b - a >= self.dense_min_tokens:
+                y[a:b].add_(F.linear(x[a:b], self._dequantize(r, x.dtype, table=table, layer=layer)))
+
+    def prepare_rows(self, delta: CompressedDelta) -> ReadyDelta | DenseDelta:
+        return self._pack(delta) if isinstance(delta, QuantizedDelta) else delta
+
+    def gather_rows(self, source: ReadyDelta | DenseDelta, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(source, DenseDelta):
+            return source.values.index_select(0, ids).float()
+        return self._dequantize(source, torch.float32, ids)
+
+
 @dataclass
 class CpuExpertTable:
     addresses: torch.Tensor  # int64 [layers]: descriptor address of the layer's packed delta, 0 if none
@@ -164,7 +211,7 @@ class CpuPlan:
     python_segments: list[tuple[CpuExpertTable, int, int]]  # long segments, and experts with dense deltas
 
 
-class CpuKernelBackend:
+class CpuKernelBackend(StoredCodesBackend):
     """Products straight from the stored codes (kernels/delta_cpu.cpp), all segments in one call."""
     name = "cpu"
 
@@ -172,17 +219,14 @@ class CpuKernelBackend:
         cpu_kernel.load()  # raises KernelUnavailable
         self.dense_min_tokens = dense_min_tokens
 
-    def prepare(self, delta: CompressedDelta, dtype: torch.dtype) -> ReadyDelta:
-        if isinstance(delta, QuantizedDelta):
-            return cpu_kernel.pack(delta)
-        return DenseReady(delta.values.to(dtype), delta)
+    def _pack(self, delta: QuantizedDelta) -> PackedDelta:
+        return cpu_kernel.pack(delta)
 
-    def ready_nbytes(self, delta: CompressedDelta, dtype: torch.dtype) -> int:
-        if len(delta.shape) != 2:
-            return 0
-        if isinstance(delta, QuantizedDelta):
-            return cpu_kernel.DESC_FIELDS * 8
-        return 0 if delta.values.dtype == dtype else delta.shape[0] * delta.shape[1] * dtype.itemsize
+    def _pack_nbytes(self, delta: QuantizedDelta) -> int:
+        return cpu_kernel.DESC_FIELDS * 8
+
+    def _dequantize(self, r, dtype, rows=None, table=None, layer=0) -> torch.Tensor:
+        return cpu_kernel.dequantize(r, dtype, rows)
 
     def expert_table(self, ready: Sequence[ReadyDelta | None]) -> CpuExpertTable:
         addresses = torch.tensor([r.desc.data_ptr() if isinstance(r, PackedDelta) else 0 for r in ready],
@@ -201,20 +245,7 @@ class CpuKernelBackend:
         if plan.table is None:
             return
         torch.ops.meswitch.segmented_delta_mm(x, y, plan.table, plan.bounds, layer, self.dense_min_tokens)
-        for table, a, b in plan.python_segments:
-            r = table.ready[layer]
-            if isinstance(r, DenseReady):
-                y[a:b].add_(F.linear(x[a:b], r.weight))
-            elif r is not None and b - a >= self.dense_min_tokens:
-                y[a:b].add_(F.linear(x[a:b], cpu_kernel.dequantize(r, x.dtype)))
-
-    def prepare_rows(self, delta: CompressedDelta) -> PackedDelta | DenseDelta:
-        return cpu_kernel.pack(delta) if isinstance(delta, QuantizedDelta) else delta
-
-    def gather_rows(self, source: PackedDelta | DenseDelta, ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(source, DenseDelta):
-            return source.values.index_select(0, ids).float()
-        return cpu_kernel.dequantize(source, torch.float32, ids)
+        self._python_segments(x, y, plan.python_segments, layer)
 
 
 # ----- the Triton (GPU) kernel backend --------------------------------------------------------------
@@ -232,7 +263,7 @@ class TritonPlan:
     python_segments: list[tuple[TritonExpertTable, int, int]]  # long segments, and experts with dense deltas
 
 
-class TritonBackend:
+class TritonBackend(StoredCodesBackend):
     """Products straight from the stored codes in device memory (triton_kernel.py): one launch per
     layer for every segment shorter than dense_min_tokens; longer ones (prompt prefill) are one
     dequantization into a scratch matrix plus a GEMM, like the CPU backend's dense route."""
@@ -243,17 +274,14 @@ class TritonBackend:
         triton_kernel.check_available(self.device)  # raises TritonUnavailable
         self.dense_min_tokens = dense_min_tokens
 
-    def prepare(self, delta: CompressedDelta, dtype: torch.dtype) -> ReadyDelta:
-        if isinstance(delta, QuantizedDelta):
-            return triton_kernel.prepare(delta)
-        return DenseReady(delta.values.to(dtype), delta)
+    def _pack(self, delta: QuantizedDelta) -> TritonReady:
+        return triton_kernel.prepare(delta)
 
-    def ready_nbytes(self, delta: CompressedDelta, dtype: torch.dtype) -> int:
-        if len(delta.shape) != 2:
-            return 0
-        if isinstance(delta, QuantizedDelta):
-            return triton_kernel.ready_nbytes(delta)
-        return 0 if delta.values.dtype == dtype else delta.shape[0] * delta.shape[1] * dtype.itemsize
+    def _pack_nbytes(self, delta: QuantizedDelta) -> int:
+        return triton_kernel.ready_nbytes(delta)
+
+    def _dequantize(self, r, dtype, rows=None, table=None, layer=0) -> torch.Tensor:
+        return triton_kernel.dequantize(r, dtype, rows, desc=None if table is None else table.descs[layer])
 
     def expert_table(self, ready: Sequence[ReadyDelta | None]) -> TritonExpertTable:
         descs = torch.zeros(len(ready), triton_kernel.DESC_FIELDS, dtype=torch.int64)
@@ -274,20 +302,7 @@ class TritonBackend:
     def segmented_matmul(self, x: torch.Tensor, y: torch.Tensor, plan: TritonPlan, layer: int) -> None:
         if plan.rows is not None:
             triton_kernel.segmented_delta_mm(x, y, plan.rows, layer, plan.max_tokens)
-        for table, a, b in plan.python_segments:
-            r = table.ready[layer]
-            if isinstance(r, DenseReady):
-                y[a:b].add_(F.linear(x[a:b], r.weight))
-            elif r is not None and b - a >= self.dense_min_tokens:
-                y[a:b].add_(F.linear(x[a:b], triton_kernel.dequantize(r, x.dtype, desc=table.descs[layer])))
-
-    def prepare_rows(self, delta: CompressedDelta) -> TritonReady | DenseDelta:
-        return triton_kernel.prepare(delta) if isinstance(delta, QuantizedDelta) else delta
-
-    def gather_rows(self, source: TritonReady | DenseDelta, ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(source, DenseDelta):
-            return source.values.index_select(0, ids).float()
-        return triton_kernel.dequantize(source, torch.float32, ids)
+        self._python_segments(x, y, plan.python_segments, layer)
 
 
 BACKENDS = ("auto", "cpu", "triton", "reference")

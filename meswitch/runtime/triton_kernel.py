@@ -99,11 +99,7 @@ def prepare(d: QuantizedDelta) -> TritonReady:
     """Describe a stored delta (already on its device) to the kernels; copies only what is not
     contiguous or not in the stored dtypes (bundles hold neither)."""
     out, cols = d.shape
-    codes = d.packed.contiguous()
-    scale = d.params.scale.to(torch.float16).contiguous()
-    offset = d.params.offset.to(torch.float16).contiguous()
-    sal_idx = d.salient_idx.to(torch.int32).contiguous()
-    sal_val = d.salient_values.to(torch.float16).contiguous()
+    codes, scale, offset, sal_idx, sal_val = d.stored_tensors()
     n, k = d.n_quantized_cols, sal_idx.numel()
     colmap = d.quantized_columns().to(device=codes.device, dtype=torch.int32) if k else None
     groups = scale.shape[1]
