@@ -12,7 +12,7 @@ read from the descriptor at run time, so one compiled kernel serves every expert
 Codes are read in the stored layout (docs/FORMAT.md: each row a little-endian bit stream). Code
 j of a row starts at bit j*b; reading the 16-bit window of bytes (j*b)//8 and (j*b)//8 + 1 and
 shifting by (j*b) % 8 yields it for every width 1, 2, 3, 4 and 8 (a 3-bit code may straddle two
-bytes, never three). No re-layout is needed; the only addition at load time is, for a delta
+bytes, never three; the second byte is read only where a code straddles). No re-layout is needed; the only addition at load time is, for a delta
 with salient columns, the int32 map from quantized column to input column (4 bytes per input
 column: 0.4% of a 2-bit 4096 x 4096 matrix) and a 16 x int64 descriptor per matrix.
 
@@ -175,7 +175,9 @@ if triton is not None:
                 shift = bit & 7
                 tile_mask = mask_n[:, None] & mask_q[None, :]
                 lo = tl.load(code_rows + byte[None, :], mask=tile_mask, other=0).to(tl.int32)
-                hi = tl.load(code_rows + byte[None, :] + 1, mask=tile_mask & (byte + 1 < row_bytes)[None, :],
+                # the next byte only where the code straddles into it (3-bit codes): for 1, 2, 4
+                # and 8 bits every lane of this load is masked off, so it reads nothing
+                hi = tl.load(code_rows + byte[None, :] + 1, mask=tile_mask & (shift + bits > 8)[None, :],
                              other=0).to(tl.int32)
                 code = ((lo | (hi << 8)) >> shift[None, :]) & code_mask
                 g = scale_rows + (q.to(tl.int64) // group)[None, :]
@@ -243,7 +245,7 @@ if triton is not None:
         tile_mask = mask_i[:, None] & mask_q[None, :]
         code_rows = codes + r[:, None] * row_bytes
         lo = tl.load(code_rows + byte[None, :], mask=tile_mask, other=0).to(tl.int32)
-        hi = tl.load(code_rows + byte[None, :] + 1, mask=tile_mask & (byte + 1 < row_bytes)[None, :],
+        hi = tl.load(code_rows + byte[None, :] + 1, mask=tile_mask & (shift + bits > 8)[None, :],
                      other=0).to(tl.int32)
         code = ((lo | (hi << 8)) >> shift[None, :]) & ((1 << bits) - 1)
         g = r[:, None] * scale_stride + (q.to(tl.int64) // group)[None, :]
