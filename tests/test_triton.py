@@ -184,6 +184,17 @@ def test_served_with_triton_equals_the_cpu_kernel(rt):
     assert outs["cpu"][0] != outs["cpu"][3]  # the expert's delta changes the tokens: the comparison could fail
 
 
+@pytest.mark.skipif(CUDA, reason="a CUDA device exists")
+def test_asking_for_a_gpu_without_one_is_a_clear_error(rt, capsys):
+    from meswitch.cli import main
+    from meswitch.runtime.switch import DeviceUnavailableError
+
+    with pytest.raises(DeviceUnavailableError, match="no CUDA device"):
+        Switch.load(rt / "bundle", device="cuda")
+    assert main(["generate", str(rt / "bundle"), "--device", "cuda", "--prompt", "hi"]) == 1
+    assert "no CUDA device" in capsys.readouterr().err
+
+
 # ----- on a GPU (skipped without one) -----------------------------------------------------------
 cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
 

@@ -35,6 +35,10 @@ log = logging.getLogger("meswitch.runtime")
 Prompt = str | list[dict]
 
 
+class DeviceUnavailableError(RuntimeError):
+    """The device asked for does not exist here (e.g. "cuda" with a CPU-only torch)."""
+
+
 class SourceError(BundleError):
     """The bundle an expert is to be added from is missing, invalid, or of another base."""
 
@@ -85,7 +89,7 @@ class Switch:
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {device} requested but torch sees no CUDA device "
+            raise DeviceUnavailableError(f"device {device} requested but torch sees no CUDA device "
                                f"(torch {torch.__version__})")
         dtype = resolve_dtype(dtype, device)
         if threads:
