@@ -29,6 +29,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,13 +183,14 @@ def run_requests(engine, experts: list, prompt_len: int, tokens: int, vocab: int
     return len(reqs) * tokens / dt
 
 
-def synthetic_part(args, device: torch.device, dtype: torch.dtype) -> dict:
+def synthetic_part(args, device: torch.device, dtype: torch.dtype, res: dict) -> None:
+    """Fills `res` as it goes (what was measured before a failure is kept)."""
     from meswitch.runtime.backend import get_backend
     from meswitch.runtime.engine import Engine
     from meswitch.runtime.layers import DeltaContext, build_hot_expert, install_delta_layers
 
     cfg = TINY if args.dry_run else LLAMA2_7B
-    res: dict = {"shape": "tiny" if args.dry_run else "Llama-2-7B", "config": cfg, "bits": BITS, "salient": SALIENT}
+    res.update({"shape": "tiny" if args.dry_run else "Llama-2-7B", "config": cfg, "bits": BITS, "salient": SALIENT})
     cuda = device.type == "cuda"
     mem0 = torch.cuda.memory_allocated(device) if cuda else 0
     with Timer(device) as t:
@@ -203,15 +205,24 @@ def synthetic_part(args, device: torch.device, dtype: torch.dtype) -> dict:
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # the names a bundle uses
     wrapped = install_delta_layers(model, ctx)
 
-    n_exp = args.experts
     hot, stored = {}, 0
     mem_base = torch.cuda.memory_allocated(device) if cuda else 0
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_bytes = (2 * cfg["num_hidden_layers"] * max(args.requests) * cfg["num_key_value_heads"] * head_dim
+                * (args.prompt + args.tokens + 1) * dtype.itemsize)
     with Timer(device) as t:
-        for i in range(n_exp):
+        for i in range(args.experts):
+            if cuda and hot:  # a smaller GPU holds fewer experts: keep room for one more, the KV cache and 4 GiB
+                one = stored / len(hot)
+                if torch.cuda.mem_get_info(device)[0] < 2 * one + kv_bytes + (4 << 30):
+                    res["experts_limited_by_memory"] = True
+                    print(f"only {len(hot)} experts fit on this GPU", flush=True)
+                    break
             deltas = synthetic_expert(shapes, 1000 + i, device)
             stored += sum(d.nbytes for d in deltas.values())
             hot[f"e{i}"] = build_hot_expert(f"e{i}", deltas, wrapped, be, dtype, tied=False)
             del deltas
+    n_exp = len(hot)
     mem_experts = (torch.cuda.memory_allocated(device) if cuda else 0) - mem_base
     n_params = sum(p.numel() for p in model.parameters())
     res["experts"] = n_exp
@@ -261,8 +272,8 @@ def synthetic_part(args, device: torch.device, dtype: torch.dtype) -> dict:
                   f"{budget / 2**30:.2f} GiB", flush=True)
     finally:
         engine.stop()
-    res["per_layer"] = per_layer(be, hot, wrapped, device, dtype, args)
-    return res
+    res["per_layer"] = []
+    per_layer(be, hot, wrapped, device, dtype, args, res["per_layer"])
 
 
 def merged_swap(engine, model, host: list, experts: list, args, vocab: int, device: torch.device) -> dict:
@@ -286,14 +297,13 @@ def merged_swap(engine, model, host: list, experts: list, args, vocab: int, devi
     return {"merged_swap_tok_s": len(experts) * args.tokens / total_s, "merged_swap_copy_s": copy_s}
 
 
-def per_layer(be, hot: dict, wrapped: dict, device: torch.device, dtype: torch.dtype, args) -> list:
-    """The kernel against the base GEMM, per 7B linear shape (q/k/v/o, gate/up, down)."""
+def per_layer(be, hot: dict, wrapped: dict, device: torch.device, dtype: torch.dtype, args, rows: list) -> None:
+    """The kernel against the base GEMM, per 7B linear shape (q/k/v/o, gate/up, down); appends to `rows`."""
     from meswitch.runtime.layers import DeltaLinear
 
     linears = {m.path: m for m in wrapped.values() if isinstance(m, DeltaLinear)}
     picks = [p for p in linears if p.startswith("model.layers.0.") and p.endswith(("q_proj", "up_proj", "down_proj"))]
     names = sorted(hot)
-    rows = []
     for path in picks:
         m = linears[path]
         out, cols = m.base.weight.shape
@@ -320,7 +330,6 @@ def per_layer(be, hot: dict, wrapped: dict, device: torch.device, dtype: torch.d
             print(f"{row['layer']} [{out}x{cols}] {n_tok} tokens / {len(segs)} experts: base GEMM {gemm:.3f} ms, "
                   f"delta kernel {kern:.3f} ms ({kern / gemm:.2f}x)"
                   + (f", dense route {row['dense_route_ms']:.3f} ms" if "dense_route_ms" in row else ""), flush=True)
-    return rows
 
 
 # ----- the demo bundle ---------------------------------------------------------------------------------
@@ -403,16 +412,33 @@ def main() -> int:
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
     print(json.dumps(env), flush=True)
-    results = {"environment": env, "synthetic": synthetic_part(args, device, dtype)}
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    results["demo"] = {"skipped": "dry run"} if args.dry_run else demo_part(args, device)
-    results["seconds"] = time.perf_counter() - t0
+    results: dict = {"environment": env, "synthetic": {}}
     out = args.out or (None if args.dry_run else str(ROOT / "benchmarks" / "results" / "gpu.json"))
-    if out:
-        Path(out).write_text(json.dumps(results, indent=1) + "\n")
-        print(f"wrote {out} ({results['seconds']:.0f} s)")
-    return 0
+    failed = False
+    try:  # whatever happens, what was measured is written
+        try:
+            synthetic_part(args, device, dtype, results["synthetic"])
+        except Exception as e:
+            traceback.print_exc()
+            results["synthetic"]["error"] = f"{type(e).__name__}: {e}"
+            failed = True
+        if device.type == "cuda":
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+        try:
+            results["demo"] = {"skipped": "dry run"} if args.dry_run else demo_part(args, device)
+        except Exception as e:
+            traceback.print_exc()
+            results["demo"] = {"error": f"{type(e).__name__}: {e}"}
+            failed = True
+    finally:
+        results["seconds"] = time.perf_counter() - t0
+        if out:
+            Path(out).write_text(json.dumps(results, indent=1) + "\n")
+            print(f"wrote {out} ({results['seconds']:.0f} s)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
