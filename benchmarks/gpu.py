@@ -17,7 +17,9 @@ Self-contained (nothing downloaded; the demo part needs `make demo` to have been
       experts, and the dense route (dequantize + GEMM) used for long prompt segments.
 2. The demo bundle (SmolLM2-135M, `make demo`) on the GPU: tokens/s of the base vs the experts.
 
-    .venv/bin/python benchmarks/gpu.py                # on a machine with a CUDA GPU
+    .venv/bin/python benchmarks/gpu.py                # on a machine with a CUDA GPU (CUDA torch, triton,
+                                                      # transformers; or `PYTHONPATH=. python3 benchmarks/gpu.py`
+                                                      # with a Python that has them: the repo needs no install)
     .venv/bin/python benchmarks/gpu.py --dry-run      # tiny shapes on the CPU (Triton interpreter):
                                                       # checks the code paths, measures nothing
 """
