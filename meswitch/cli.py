@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep-embeddings-16bit", action="store_true", help="store embedding / LM head deltas in 16 bits")
     c.add_argument("--description", action="append", metavar="NAME=TEXT", help="one-line description of an expert's domain")
     c.add_argument("--overwrite", action="store_true", help="replace experts of the same name in the bundle")
-    c.add_argument("--device", default="cpu", help="torch device for calibration, tuning and quality (default cpu)")
+    c.add_argument("--device", default="cpu", help="torch device for calibration, quantization, tuning and quality (default cpu)")
     c.add_argument("--model-dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype the expert and base models run in for calibration, tuning and quality "
                         "(bfloat16 halves their memory; default float32)")

@@ -173,3 +173,21 @@ def calib_file(tmp_path_factory):
     lines = [json.dumps({"prompt": p}) for p in CORPUS] + [json.dumps({"text": t}) for t in CORPUS]
     f.write_text("\n".join(lines) + "\n")
     return f
+
+
+@pytest.fixture(scope="session")
+def rt(tmp_path_factory, tokenizer):
+    """A tiny bundle (experts math, code) over a lively base, plus float32 materialized experts
+    (read-only: tests that change a bundle copy it first)."""
+    from meswitch.cli import main
+
+    d = tmp_path_factory.mktemp("rt")
+    save_lively_experts(d, tokenizer)
+    calib = d / "calib.txt"
+    calib.write_text("\n".join(CORPUS) + "\n")
+    assert main(["compress", "--base", str(d / "base"), "--expert", f"math={d / 'math'}",
+                 "--expert", f"code={d / 'code'}", "--out", str(d / "bundle"), "--calib", str(calib),
+                 "--description", "math=arithmetic"]) == 0
+    for name in ("math", "code"):
+        assert main(["materialize", str(d / "bundle"), name, "--out", str(d / f"mat_{name}"), "--dtype", "float32"]) == 0
+    return d

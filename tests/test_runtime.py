@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from conftest import CORPUS, derive_expert, lively, random_model, save_checkpoint, save_lively_experts
+from conftest import derive_expert, lively, random_model, save_checkpoint
 from transformers import AutoModelForCausalLM
 
 from meswitch.bundle.format import Bundle
@@ -28,21 +28,6 @@ from meswitch.runtime.engine import EngineStoppedError, Request, SamplingParams
 FP32_LOGIT_TOL = 1e-4  # float32: same math, other summation order
 BF16_LOGIT_TOL = 0.15  # bfloat16: the materialized reference rounds W + delta to 8 mantissa bits
 PROMPTS = ["Tom has 12 apples", "def add(a, b):", "The quick brown fox", "Write a Python function"]
-
-
-@pytest.fixture(scope="module")
-def rt(tmp_path_factory, tokenizer):
-    """A tiny bundle (experts math, code) over a lively base, plus float32 materialized experts."""
-    d = tmp_path_factory.mktemp("rt")
-    save_lively_experts(d, tokenizer)
-    calib = d / "calib.txt"
-    calib.write_text("\n".join(CORPUS) + "\n")
-    assert main(["compress", "--base", str(d / "base"), "--expert", f"math={d / 'math'}",
-                 "--expert", f"code={d / 'code'}", "--out", str(d / "bundle"), "--calib", str(calib),
-                 "--description", "math=arithmetic"]) == 0
-    for name in ("math", "code"):
-        assert main(["materialize", str(d / "bundle"), name, "--out", str(d / f"mat_{name}"), "--dtype", "float32"]) == 0
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -43,17 +43,25 @@ class QuantizedDelta:
         return self.shape[1] - self.salient_idx.numel()
 
     def quantized_columns(self) -> torch.Tensor:
-        keep = torch.ones(self.shape[1], dtype=torch.bool)
+        keep = torch.ones(self.shape[1], dtype=torch.bool, device=self.packed.device)
         keep[self.salient_idx.long()] = False
         return keep.nonzero().squeeze(1)
 
     def codes(self) -> torch.Tensor:
         return unpack_codes(self.packed, self.bits, self.n_quantized_cols)
 
+    def stored_tensors(self) -> tuple[torch.Tensor, ...]:
+        """(codes, step sizes, offsets, salient indices, salient values), contiguous and in the
+        stored dtypes, as kernels read them in place (the tensors themselves when a bundle holds
+        them so; copies otherwise)."""
+        return (self.packed.contiguous(), self.params.scale.to(torch.float16).contiguous(),
+                self.params.offset.to(torch.float16).contiguous(), self.salient_idx.to(torch.int32).contiguous(),
+                self.salient_values.to(torch.float16).contiguous())
+
     def dequantize(self) -> torch.Tensor:
         """The reconstructed delta of the base rows, float32 [out, in]."""
         out, cols = self.shape
-        delta = torch.empty(out, cols, dtype=torch.float32)
+        delta = torch.empty(out, cols, dtype=torch.float32, device=self.packed.device)
         if self.n_quantized_cols:
             # scale/offset of shape [1, groups] (one per matrix) broadcast over the rows.
             delta[:, self.quantized_columns()] = dequantize_codes(self.codes(), self.params)
@@ -193,3 +201,17 @@ def apply_delta(base: torch.Tensor, delta: CompressedDelta, dtype: torch.dtype) 
     if delta.extra_rows is not None:
         w = torch.cat([w, delta.extra_rows.to(dtype)], dim=0)
     return w
+
+
+def delta_to(delta: CompressedDelta, device: torch.device | str) -> CompressedDelta:
+    """The same delta with every stored tensor on `device` (itself when they are there already)."""
+    device = torch.device(device)
+    if delta.packed.device == device if isinstance(delta, QuantizedDelta) else delta.values.device == device:
+        return delta
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    if isinstance(delta, QuantizedDelta):
+        p = delta.params
+        return QuantizedDelta(delta.shape, delta.bits, move(delta.packed),
+                              AffineParams(move(p.scale), move(p.offset), p.group_size), move(delta.salient_idx),
+                              move(delta.salient_values), move(delta.extra_rows))
+    return DenseDelta(move(delta.values), move(delta.extra_rows), move(delta.patch_index), move(delta.patch_values))

@@ -68,7 +68,7 @@ def channel_errors(delta: torch.Tensor, bits: int, group_size: int, col_weight: 
     """E_i = s_i * ||delta[:, i] - Q(delta)[:, i]||^2 for every input channel i."""
     p = fit_affine(delta, bits, group_size, col_weight)
     err = ((dequantize_codes(quantize_codes(delta, p, bits), p) - delta) ** 2).sum(dim=0)
-    s = torch.ones(delta.shape[1]) if col_weight is None else col_weight.float()
+    s = torch.ones(delta.shape[1], device=delta.device) if col_weight is None else col_weight.float()
     return s * err
 
 
@@ -77,7 +77,7 @@ def select_salient(
 ) -> torch.Tensor:
     """Indices (sorted, int32) of the k input channels with the largest output error."""
     if k <= 0:
-        return torch.zeros(0, dtype=torch.int32)
+        return torch.zeros(0, dtype=torch.int32, device=delta.device)
     scores = channel_errors(delta, bits, group_size, col_weight)
     return torch.topk(scores, k).indices.sort().values.to(torch.int32)
 
@@ -93,7 +93,7 @@ def quantize_matrix(
     delta = delta.float()
     out, cols = delta.shape
     idx = select_salient(delta, bits, salient_k, group_size, col_weight)
-    keep = torch.ones(cols, dtype=torch.bool)
+    keep = torch.ones(cols, dtype=torch.bool, device=delta.device)
     keep[idx.long()] = False
     rest = delta[:, keep]
     w = None if col_weight is None else col_weight.float()[keep]
@@ -124,8 +124,8 @@ def bitdelta_matrix(delta: torch.Tensor) -> QuantizedDelta:
         bits=1,
         packed=pack_codes(codes, 1),
         params=params,
-        salient_idx=torch.zeros(0, dtype=torch.int32),
-        salient_values=torch.zeros(out, 0, dtype=VALUE_DTYPE),
+        salient_idx=torch.zeros(0, dtype=torch.int32, device=delta.device),
+        salient_values=torch.zeros(out, 0, dtype=VALUE_DTYPE, device=delta.device),
     )
 
 

@@ -29,18 +29,19 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.dim() != 2:
         raise ValueError(f"expected a 2-D code matrix, got shape {tuple(codes.shape)}")
     rows, cols = codes.shape
-    c = codes.to(torch.int64)
+    device = codes.device
+    c = codes.to(torch.int64).cpu()  # packed with numpy on the host (a GPU quantizes, the bits go back)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits}-bit packing")
     arr = c.to(torch.uint8).numpy()
     if bits == 8:
-        return torch.from_numpy(arr.copy())
+        return torch.from_numpy(arr.copy()).to(device)
     # [rows, cols, bits] bit planes, little-endian within a code, then one stream per row.
     planes = (arr[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1
     stream = planes.reshape(rows, cols * bits)
     packed = np.packbits(stream, axis=1, bitorder="little")
     assert packed.shape[1] == packed_row_bytes(cols, bits)
-    return torch.from_numpy(packed)
+    return torch.from_numpy(packed).to(device)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
@@ -56,7 +57,20 @@ def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
         )
     if bits == 8:
         return packed.clone()
+    if packed.device.type != "cpu":
+        return _unpack_on_device(packed, bits, cols)
     return _unpack_fast(packed, bits, cols)
+
+
+def _unpack_on_device(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Unpacking with torch ops on the tensor's own device (a GPU): code j is read from the 16-bit
+    window of bytes (j*b)//8 and (j*b)//8 + 1, shifted by (j*b) % 8 (no code spans three bytes)."""
+    rows, nbytes = packed.shape
+    p = torch.nn.functional.pad(packed, (0, 1)).to(torch.int32)
+    bit = torch.arange(cols, device=packed.device) * bits
+    byte, shift = bit // 8, (bit % 8).to(torch.int32)
+    window = p[:, byte] | (p[:, byte + 1] << 8)
+    return ((window >> shift) & ((1 << bits) - 1)).to(torch.uint8)
 
 
 def _unpack_fast(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import Checkpoint, check_compatible, is_vocab_tensor
 from .calibration import collect_input_moments, load_samples, next_token_logprobs, split_heldout, tokenize_samples
-from .delta import CompressedDelta
+from .delta import CompressedDelta, delta_to
 from .methods import CompressionSpec, compress_matrix, dense_delta
 from .quality import compare_to_expert
 from .student import build_student, module_name, tune_step_sizes
@@ -66,8 +66,12 @@ def compress_tensors(
     spec: CompressionSpec,
     moments: dict[str, torch.Tensor],
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> dict[str, CompressedDelta]:
+    """Every tensor's delta, compressed; quantization (the salient search and the clipping
+    search) runs on `device`, and what is returned lives on the host."""
     deltas: dict[str, CompressedDelta] = {}
+    device = torch.device(device)
     lossless = spec.method == "fp16"
     for name in tqdm(expert.weight_names(), desc="compress tensors", disable=not progress, leave=False):
         e = expert.get(name)
@@ -78,7 +82,9 @@ def compress_tensors(
         extra = _extra_rows(e, rows, lossless)
         quantize = delta.dim() == 2 and not lossless and (spec.compress_embeddings or not is_vocab_tensor(name))
         if quantize:
-            d = compress_matrix(delta, spec, _col_weight(name, moments, expert.tied))
+            w = _col_weight(name, moments, expert.tied)
+            d = compress_matrix(delta.to(device), spec, None if w is None else w.to(device))
+            d = delta_to(d, "cpu")
         elif lossless:
             d = dense_delta(delta, b, e_base)
         else:
@@ -120,7 +126,7 @@ def compress_expert(
     del model
     gc.collect()
 
-    deltas = compress_tensors(base, expert, spec, moments, progress)
+    deltas = compress_tensors(base, expert, spec, moments, progress, device)
     del moments
 
     vocab = int(expert.config.get("vocab_size") or expert.shape("model.embed_tokens.weight")[0])

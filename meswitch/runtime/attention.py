@@ -10,6 +10,11 @@ ids we pass), then calls the attention function registered here under ATTN_IMPLE
 The cache holds [slots, kv_heads, capacity, head_dim] per layer; a request owns one slot from
 admission to completion. Capacity grows by doubling up to the context length, so memory follows
 the longest running request rather than a preallocated maximum.
+
+Device: the cache, the batch's index tensors and the masks live on the model's device. The
+batch is built on the host from Python integers (one copy to the device per forward pass) and
+carries what the layers need as integers (the longest decode length), so no layer reads a device
+value back to the host.
 """
 from __future__ import annotations
 
@@ -77,6 +82,7 @@ class RaggedBatch:
     decode_slots: torch.Tensor  # [n]
     decode_lens: torch.Tensor  # [n] cached length including this token
     prefills: list[tuple[int, int, int, int]]  # (first token index, tokens, slot, tokens cached before)
+    decode_max: int = 0  # max(decode_lens), known on the host
 
     @classmethod
     def build(cls, cache: KVCache, seqs: list[tuple[int, int, int]]) -> "RaggedBatch":
@@ -94,8 +100,11 @@ class RaggedBatch:
                 prefills.append((start, n, slot, past))
             start += n
         cache.ensure(max(p + n for _, p, n in seqs))
-        t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-        return cls(cache, t(slots), t(positions), t(dec_idx), t(dec_slots), t(dec_lens), prefills)
+        # one host-to-device copy for all index tensors
+        n_tok, n_dec = len(slots), len(dec_idx)
+        flat = torch.tensor(slots + positions + dec_idx + dec_slots + dec_lens, dtype=torch.long, device=cache.device)
+        parts = flat.split([n_tok, n_tok, n_dec, n_dec, n_dec])
+        return cls(cache, *parts, prefills, max(dec_lens, default=0))
 
 
 def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -112,14 +121,15 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     k_cache[batch.slots, :, batch.positions] = key[0].transpose(0, 1)
     v_cache[batch.slots, :, batch.positions] = value[0].transpose(0, 1)
     heads, tokens, dim = query.shape[1], query.shape[2], query.shape[3]
-    out = torch.empty(tokens, heads, dim, dtype=query.dtype)
+    device = query.device
+    out = torch.empty(tokens, heads, dim, dtype=query.dtype, device=device)
     if batch.decode_idx.numel():
         n = batch.decode_idx.numel()
-        length = int(batch.decode_lens.max())
+        length = batch.decode_max
         q = query[0].index_select(1, batch.decode_idx).transpose(0, 1).unsqueeze(2)  # [n, heads, 1, d]
         k = k_cache[:, :, :length].index_select(0, batch.decode_slots)
         v = v_cache[:, :, :length].index_select(0, batch.decode_slots)
-        mask = (torch.arange(length).unsqueeze(0) < batch.decode_lens.unsqueeze(1)).view(n, 1, 1, length)
+        mask = (torch.arange(length, device=device).unsqueeze(0) < batch.decode_lens.unsqueeze(1)).view(n, 1, 1, length)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         out[batch.decode_idx] = o.squeeze(2)
     for start, n, slot, past in batch.prefills:
@@ -129,7 +139,7 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
         if past == 0:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
         else:
-            mask = torch.arange(past + n).unsqueeze(0) <= (past + torch.arange(n)).unsqueeze(1)
+            mask = torch.arange(past + n, device=device).unsqueeze(0) <= (past + torch.arange(n, device=device)).unsqueeze(1)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         out[start:start + n] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None

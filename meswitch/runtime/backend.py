@@ -22,7 +22,14 @@ Backends shipped here:
   DENSE_MIN_TOKENS tokens or more (prompt prefill) are faster as one dequantization plus a GEMM.
 - `reference` (ReferenceBackend): every delta dequantized to a dense matrix in the model dtype
   and multiplied with PyTorch. Simple and obviously right; it costs a dense copy per expert.
-`auto` picks `cpu` when its kernel builds and loads, and the reference otherwise (with a warning).
+- `triton` (TritonBackend): the GPU kernel (triton_kernel.py) reads the stored codes in device
+  memory, all segments of a layer in one launch; on a CPU it runs under TRITON_INTERPRET=1 (tests).
+`auto` picks, on a CUDA device, `triton` when triton is installed (else the reference, with a
+warning); on the CPU, `cpu` when its kernel builds and loads, and the reference otherwise.
+
+Every backend works on the device its deltas live on: the store moves an expert's stored
+tensors to the model's device before prepare() (store.py), so the reference backend serves a
+CUDA model too, and plans carry their index tensors to that device.
 """
 from __future__ import annotations
 
@@ -35,10 +42,14 @@ import torch.nn.functional as F
 
 from ..compression.delta import CompressedDelta, DenseDelta, QuantizedDelta
 from ..compression.quantizer import expand_groups
-from . import cpu_kernel
+from . import cpu_kernel, triton_kernel
 from .cpu_kernel import PackedDelta
+from .triton_kernel import TritonReady
 
 DENSE_MIN_TOKENS = 32  # from here on, dequantize-then-GEMM beats the kernel (benchmarks/kernels.py)
+# The Triton kernel's segments up to this length; longer ones dequantize and GEMM. A guess (no GPU
+# measured yet): benchmarks/gpu.py measures both routes per layer.
+TRITON_DENSE_MIN_TOKENS = 128
 
 
 def _nbytes(*ts: torch.Tensor | None) -> int:
@@ -58,7 +69,7 @@ class DenseReady:
         return _nbytes(self.weight)
 
 
-ReadyDelta = PackedDelta | DenseReady
+ReadyDelta = PackedDelta | TritonReady | DenseReady
 
 
 @runtime_checkable
@@ -123,7 +134,7 @@ def dequantize_rows(d: QuantizedDelta, ids: torch.Tensor) -> torch.Tensor:
     from ..compression.packing import unpack_codes
 
     cols = d.shape[1]
-    rows = torch.empty(ids.numel(), cols, dtype=torch.float32)
+    rows = torch.empty(ids.numel(), cols, dtype=torch.float32, device=d.packed.device)
     if d.n_quantized_cols:
         codes = unpack_codes(d.packed.index_select(0, ids), d.bits, d.n_quantized_cols).float()
         scale, offset = d.params.scale, d.params.offset
@@ -138,7 +149,54 @@ def dequantize_rows(d: QuantizedDelta, ids: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-# ----- the CPU kernel backend ---------------------------------------------------------------------
+# ----- the kernel backends (CPU and Triton): products straight from the stored codes --------------
+class StoredCodesBackend:
+    """What the CPU and Triton backends share: quantized deltas are read in their stored form
+    (`_pack`: a descriptor, no copy); 16-bit deltas and segments of dense_min_tokens tokens or
+    more (prompt prefill) go through PyTorch (`_python_segments`), the latter as one
+    dequantization (`_dequantize`) plus a GEMM. Subclasses run the kernel over the rest."""
+    name = "kernel"
+    dense_min_tokens = DENSE_MIN_TOKENS
+
+    def _pack(self, delta: QuantizedDelta) -> ReadyDelta:
+        raise NotImplementedError
+
+    def _pack_nbytes(self, delta: QuantizedDelta) -> int:
+        raise NotImplementedError
+
+    def _dequantize(self, r: ReadyDelta, dtype: torch.dtype, rows: torch.Tensor | None = None,
+                    table=None, layer: int = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, delta: CompressedDelta, dtype: torch.dtype) -> ReadyDelta:
+        if isinstance(delta, QuantizedDelta):
+            return self._pack(delta)
+        return DenseReady(delta.values.to(dtype), delta)
+
+    def ready_nbytes(self, delta: CompressedDelta, dtype: torch.dtype) -> int:
+        if len(delta.shape) != 2:
+            return 0
+        if isinstance(delta, QuantizedDelta):
+            return self._pack_nbytes(delta)
+        return 0 if delta.values.dtype == dtype else delta.shape[0] * delta.shape[1] * dtype.itemsize
+
+    def _python_segments(self, x: torch.Tensor, y: torch.Tensor, segments: list, layer: int) -> None:
+        for table, a, b in segments:
+            r = table.ready[layer]
+            if isinstance(r, DenseReady):
+                y[a:b].add_(F.linear(x[a:b], r.weight))
+            elif r is not None and b - a >= self.dense_min_tokens:
+                y[a:b].add_(F.linear(x[a:b], self._dequantize(r, x.dtype, table=table, layer=layer)))
+
+    def prepare_rows(self, delta: CompressedDelta) -> ReadyDelta | DenseDelta:
+        return self._pack(delta) if isinstance(delta, QuantizedDelta) else delta
+
+    def gather_rows(self, source: ReadyDelta | DenseDelta, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(source, DenseDelta):
+            return source.values.index_select(0, ids).float()
+        return self._dequantize(source, torch.float32, ids)
+
+
 @dataclass
 class CpuExpertTable:
     addresses: torch.Tensor  # int64 [layers]: descriptor address of the layer's packed delta, 0 if none
@@ -153,7 +211,7 @@ class CpuPlan:
     python_segments: list[tuple[CpuExpertTable, int, int]]  # long segments, and experts with dense deltas
 
 
-class CpuKernelBackend:
+class CpuKernelBackend(StoredCodesBackend):
     """Products straight from the stored codes (kernels/delta_cpu.cpp), all segments in one call."""
     name = "cpu"
 
@@ -161,17 +219,14 @@ class CpuKernelBackend:
         cpu_kernel.load()  # raises KernelUnavailable
         self.dense_min_tokens = dense_min_tokens
 
-    def prepare(self, delta: CompressedDelta, dtype: torch.dtype) -> ReadyDelta:
-        if isinstance(delta, QuantizedDelta):
-            return cpu_kernel.pack(delta)
-        return DenseReady(delta.values.to(dtype), delta)
+    def _pack(self, delta: QuantizedDelta) -> PackedDelta:
+        return cpu_kernel.pack(delta)
 
-    def ready_nbytes(self, delta: CompressedDelta, dtype: torch.dtype) -> int:
-        if len(delta.shape) != 2:
-            return 0
-        if isinstance(delta, QuantizedDelta):
-            return cpu_kernel.DESC_FIELDS * 8
-        return 0 if delta.values.dtype == dtype else delta.shape[0] * delta.shape[1] * dtype.itemsize
+    def _pack_nbytes(self, delta: QuantizedDelta) -> int:
+        return cpu_kernel.DESC_FIELDS * 8
+
+    def _dequantize(self, r, dtype, rows=None, table=None, layer=0) -> torch.Tensor:
+        return cpu_kernel.dequantize(r, dtype, rows)
 
     def expert_table(self, ready: Sequence[ReadyDelta | None]) -> CpuExpertTable:
         addresses = torch.tensor([r.desc.data_ptr() if isinstance(r, PackedDelta) else 0 for r in ready],
@@ -190,34 +245,91 @@ class CpuKernelBackend:
         if plan.table is None:
             return
         torch.ops.meswitch.segmented_delta_mm(x, y, plan.table, plan.bounds, layer, self.dense_min_tokens)
-        for table, a, b in plan.python_segments:
-            r = table.ready[layer]
-            if isinstance(r, DenseReady):
-                y[a:b].add_(F.linear(x[a:b], r.weight))
-            elif r is not None and b - a >= self.dense_min_tokens:
-                y[a:b].add_(F.linear(x[a:b], cpu_kernel.dequantize(r, x.dtype)))
-
-    def prepare_rows(self, delta: CompressedDelta) -> PackedDelta | DenseDelta:
-        return cpu_kernel.pack(delta) if isinstance(delta, QuantizedDelta) else delta
-
-    def gather_rows(self, source: PackedDelta | DenseDelta, ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(source, DenseDelta):
-            return source.values.index_select(0, ids).float()
-        return cpu_kernel.dequantize(source, torch.float32, ids)
+        self._python_segments(x, y, plan.python_segments, layer)
 
 
-BACKENDS = ("auto", "cpu", "reference")
+# ----- the Triton (GPU) kernel backend --------------------------------------------------------------
+@dataclass
+class TritonExpertTable:
+    descs: torch.Tensor  # int64 [layers, DESC_FIELDS] on the device; a zero row: no delta there
+    ready: list[ReadyDelta | None]
+    has_dense: bool  # some layer holds a DenseReady (16-bit delta), computed outside the kernel
 
 
-def get_backend(name: str = "auto") -> DeltaBackend:
+@dataclass
+class TritonPlan:
+    rows: torch.Tensor | None  # int64 [segments, 3] on the device: (table address, a, b), kernel segments
+    max_tokens: int  # the longest kernel segment
+    python_segments: list[tuple[TritonExpertTable, int, int]]  # long segments, and experts with dense deltas
+
+
+class TritonBackend(StoredCodesBackend):
+    """Products straight from the stored codes in device memory (triton_kernel.py): one launch per
+    layer for every segment shorter than dense_min_tokens; longer ones (prompt prefill) are one
+    dequantization into a scratch matrix plus a GEMM, like the CPU backend's dense route."""
+    name = "triton"
+
+    def __init__(self, device: str | torch.device = "cuda", dense_min_tokens: int = TRITON_DENSE_MIN_TOKENS):
+        self.device = torch.device(device)
+        triton_kernel.check_available(self.device)  # raises TritonUnavailable
+        self.dense_min_tokens = dense_min_tokens
+
+    def _pack(self, delta: QuantizedDelta) -> TritonReady:
+        return triton_kernel.prepare(delta)
+
+    def _pack_nbytes(self, delta: QuantizedDelta) -> int:
+        return triton_kernel.ready_nbytes(delta)
+
+    def _dequantize(self, r, dtype, rows=None, table=None, layer=0) -> torch.Tensor:
+        return triton_kernel.dequantize(r, dtype, rows, desc=None if table is None else table.descs[layer])
+
+    def expert_table(self, ready: Sequence[ReadyDelta | None]) -> TritonExpertTable:
+        descs = torch.zeros(len(ready), triton_kernel.DESC_FIELDS, dtype=torch.int64)
+        for i, r in enumerate(ready):
+            if isinstance(r, TritonReady):
+                descs[i] = r.desc
+        return TritonExpertTable(descs.to(self.device), list(ready), any(isinstance(r, DenseReady) for r in ready))
+
+    def plan(self, segments: Sequence[tuple[TritonExpertTable, int, int]]) -> TritonPlan:
+        kernel = [(t, a, b) for t, a, b in segments if b - a < self.dense_min_tokens]
+        python = [(t, a, b) for t, a, b in segments if t.has_dense or b - a >= self.dense_min_tokens]
+        rows = None
+        if kernel:  # one small host-to-device copy per forward pass, none per layer
+            rows = torch.tensor([[t.descs.data_ptr(), a, b] for t, a, b in kernel], dtype=torch.int64,
+                                device=self.device)
+        return TritonPlan(rows, max((b - a for _, a, b in kernel), default=0), python)
+
+    def segmented_matmul(self, x: torch.Tensor, y: torch.Tensor, plan: TritonPlan, layer: int) -> None:
+        if plan.rows is not None:
+            triton_kernel.segmented_delta_mm(x, y, plan.rows, layer, plan.max_tokens)
+        self._python_segments(x, y, plan.python_segments, layer)
+
+
+BACKENDS = ("auto", "cpu", "triton", "reference")
+
+
+def get_backend(name: str = "auto", device: str | torch.device = "cpu") -> DeltaBackend:
+    """The backend `name` for a model on `device` (raises KernelUnavailable / TritonUnavailable
+    when an explicitly named one cannot run there)."""
+    device = torch.device(device)
     if name == "auto":
+        if device.type == "cpu":
+            try:
+                return CpuKernelBackend()
+            except cpu_kernel.KernelUnavailable as e:
+                warnings.warn(f"{e}; using the reference backend (dense deltas, more memory)", stacklevel=2)
+                return ReferenceBackend()
         try:
-            return CpuKernelBackend()
-        except cpu_kernel.KernelUnavailable as e:
+            return TritonBackend(device)
+        except triton_kernel.TritonUnavailable as e:
             warnings.warn(f"{e}; using the reference backend (dense deltas, more memory)", stacklevel=2)
             return ReferenceBackend()
     if name == "cpu":
+        if device.type != "cpu":
+            raise cpu_kernel.KernelUnavailable(f"the CPU kernel computes on the CPU, not on {device}")
         return CpuKernelBackend()
+    if name == "triton":
+        return TritonBackend(device)
     if name == "reference":
         return ReferenceBackend()
     raise ValueError(f"unknown delta backend {name!r} (available: {', '.join(BACKENDS)})")

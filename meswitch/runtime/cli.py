@@ -23,7 +23,9 @@ def add_parser(sub) -> None:
                    help="compute dtype: auto (default: bfloat16 where the CPU has native bf16, else float32), "
                         "float32 (exact), bfloat16 or float16")
     g.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="delta compute backend: cpu, reference or auto (cpu when its kernel builds)")
+                   help="delta compute backend: cpu, triton, reference or auto (triton on a GPU, "
+                        "cpu on the CPU when its kernel builds)")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where the model and experts live")
     g.add_argument("--base", default=None, help="base checkpoint (default: the path recorded in the bundle)")
     g.add_argument("--max-memory", default=None, help="memory budget for expert deltas, e.g. 2GiB")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -41,7 +43,7 @@ def cmd_generate(args) -> int:
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                     stop=tuple(args.stop or ()), seed=args.seed)
     with Switch.load(args.bundle, args.base, dtype=args.dtype, max_memory=args.max_memory,
-                     threads=args.threads, backend=args.backend) as sw:
+                     threads=args.threads, backend=args.backend, device=args.device) as sw:
         if args.stream:
             def show(req, delta, done):
                 sys.stdout.write(delta)

@@ -135,11 +135,7 @@ def pack(d: QuantizedDelta) -> PackedDelta:
     """Describe a stored delta to the kernel (no copy when its tensors are contiguous and in the
     stored dtypes, which is how bundles hold them)."""
     out, cols = d.shape
-    codes = d.packed.contiguous()
-    scale = d.params.scale.to(torch.float16).contiguous()
-    offset = d.params.offset.to(torch.float16).contiguous()
-    sal_idx = d.salient_idx.to(torch.int32).contiguous()
-    sal_val = d.salient_values.to(torch.float16).contiguous()
+    codes, scale, offset, sal_idx, sal_val = d.stored_tensors()
     n = d.n_quantized_cols
     groups = scale.shape[1]
     group_size = d.params.group_size if groups > 1 else max(n, 1)

@@ -150,9 +150,11 @@ class Engine:
         self.max_queue = max_queue
         self.max_step_tokens = max_step_tokens
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        # Everything a step creates (token ids, KV cache, index tensors, sampling) lives on the model's device.
+        self.device = next(model.parameters()).device
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.cache = KVCache(cfg.num_hidden_layers, max_batch, cfg.num_key_value_heads, head_dim, dtype,
-                             self.max_model_len)
+                             self.max_model_len, device=self.device)
         self.base_vocab = model.get_input_embeddings().weight.shape[0]
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
@@ -176,7 +178,7 @@ class Engine:
         if req.expert is not None and req.expert not in self.store.bundle.experts:
             raise UnknownExpertError(f"unknown expert {req.expert!r} (experts: {', '.join(self.store.names) or 'none'})")
         seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
-        req.generator = torch.Generator().manual_seed(seed)
+        req.generator = torch.Generator(device=self.device).manual_seed(seed)
         with self._cond:
             if self._stop:
                 raise EngineStoppedError("the engine is stopped")
@@ -266,15 +268,31 @@ class Engine:
             budget -= len(chunk)
             work.append((req, chunk, req.cursor, req.cursor + len(chunk) == len(req.prompt_ids)))
         logits = self.forward(work)
-        row = 0
+        sampled = [req for req, _, _, sample in work if sample]
+        greedy = self._greedy_tokens(sampled, logits)
         for req, toks, past, sample in work:
             if req.cursor < len(req.prompt_ids):
                 req.cursor += len(toks)
                 self.stats["prompt_tokens"] += len(toks)
-            if sample:
-                self._accept(req, self._sample(req, logits[row]))
-                row += 1
+        for row, req in enumerate(sampled):
+            self._accept(req, greedy[row] if row in greedy else self._sample(req, logits[row]))
         return True
+
+    def _vocab(self, req: Request) -> int:
+        return req.hot.vocab_size if req.hot is not None and req.hot.vocab_size else self.base_vocab
+
+    def _greedy_tokens(self, reqs: list[Request], logits: torch.Tensor) -> dict[int, int]:
+        """The argmax of every greedy request's logits row, one device read per vocabulary size
+        (normally one per step) rather than one per request."""
+        by_vocab: dict[int, list[int]] = {}
+        for row, req in enumerate(reqs):
+            if req.params.temperature < MIN_TEMPERATURE:
+                by_vocab.setdefault(self._vocab(req), []).append(row)
+        out: dict[int, int] = {}
+        for vocab, rows in by_vocab.items():
+            idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
+            out.update(zip(rows, logits.index_select(0, idx)[:, :vocab].float().argmax(-1).tolist()))
+        return out
 
     def forward(self, work: list[tuple[Request, list[int], int, bool]], all_positions: bool = False) -> torch.Tensor:
         """One forward pass of the base with delta layers over a ragged batch.
@@ -303,14 +321,16 @@ class Engine:
             pos += len(toks)
         batch = RaggedBatch.build(self.cache, [(req.slot, past, len(toks)) for req, toks, past, _ in work])
         t0 = time.perf_counter()
-        self.ctx.set(segments, len(ids), head_segments, max(1, len(keep)))
+        self.ctx.set(segments, len(ids), head_segments, max(1, len(keep)), added_tokens=max(ids) >= self.base_vocab)
+        keep = keep or [pos - 1]
+        ids_keep = torch.tensor(ids + keep, dtype=torch.long, device=self.device)  # one copy to the device
         try:
             with torch.inference_mode():
                 logits = self.model(
-                    input_ids=torch.tensor([ids], dtype=torch.long),
+                    input_ids=ids_keep[:len(ids)].unsqueeze(0),
                     position_ids=batch.positions.unsqueeze(0),
                     use_cache=False,
-                    logits_to_keep=torch.tensor(keep, dtype=torch.long) if keep else torch.tensor([pos - 1]),
+                    logits_to_keep=ids_keep[len(ids):],
                     meswitch_batch=batch,
                 ).logits[0]
         finally:
@@ -367,8 +387,7 @@ class Engine:
 
     # ----- sampling and stopping ----------------------------------------------------------------
     def _sample(self, req: Request, logits: torch.Tensor) -> int:
-        vocab = req.hot.vocab_size if req.hot is not None and req.hot.vocab_size else self.base_vocab
-        logits = logits[:vocab].float()
+        logits = logits[:self._vocab(req)].float()
         p = req.params
         # Below MIN_TEMPERATURE the float32 distribution is one-hot anyway, and 1/T overflows
         # (T = 5e-324 is 0 in float32): greedy.

@@ -74,15 +74,31 @@ class DeltaContext(threading.local):
         self.backend = backend
         self.clear()
 
-    def set(self, segments: Segments, n_tokens: int, head_segments: Segments, n_head_rows: int) -> None:
+    def set(self, segments: Segments, n_tokens: int, head_segments: Segments, n_head_rows: int,
+            added_tokens: bool | None = None) -> None:
         """segments: (expert, a, b) over the n_tokens of the pass; head_segments: over the
-        n_head_rows positions whose logits are computed."""
+        n_head_rows positions whose logits are computed; added_tokens: whether some token id is
+        beyond the base vocabulary (known on the host; None: the embedding checks on the device)."""
+        self.added_tokens = added_tokens
+        self._token_segments = None
         self.segments, self.n_tokens = segments, n_tokens
         self.head_segments, self.n_head_rows = head_segments, n_head_rows
         self.plan = self.backend.plan([(h.table, a, b) for h, a, b in segments]) if segments else None
         self.head_plan = self.backend.plan([(h.table, a, b) for h, a, b in head_segments]) if head_segments else None
 
+    def token_segments(self, device: torch.device) -> torch.Tensor:
+        """[n_tokens] long: 1 + the index of each token's segment, 0 for tokens of the plain base.
+        Built on the device at the first use of a pass (one fill per segment, no host read)."""
+        if self._token_segments is None:
+            t = torch.zeros(self.n_tokens, dtype=torch.long, device=device)
+            for i, (_, a, b) in enumerate(self.segments):
+                t[a:b] = i + 1
+            self._token_segments = t
+        return self._token_segments
+
     def clear(self) -> None:
+        self.added_tokens = None
+        self._token_segments = None
         self.segments, self.n_tokens, self.plan = [], 0, None
         self.head_segments, self.n_head_rows, self.head_plan = [], 0, None
 
@@ -160,13 +176,13 @@ class DeltaRMSNorm(nn.Module):
         # The Llama-family RMSNorm, written out so the normalized input is shared by all experts.
         h = x.to(torch.float32)
         h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.base.variance_epsilon)).to(x.dtype)
-        y = self.base.weight * h
-        h2, y2 = _token_rows(h, self.ctx.n_tokens, self.path), _token_rows(y, self.ctx.n_tokens, self.path)
-        for exp, a, b in segs:
-            w = exp.norm.get(self.path)
-            if w is not None:
-                y2[a:b] = w * h2[a:b]
-        return y
+        h2 = _token_rows(h, self.ctx.n_tokens, self.path)
+        # Each token's norm weight (the base's, or its expert's), gathered in one go: three
+        # launches per norm whatever the number of experts in the batch.
+        base_w = self.base.weight
+        weights = torch.stack([base_w] + [exp.norm.get(self.path, base_w) for exp, _, _ in segs])
+        y2 = weights.index_select(0, self.ctx.token_segments(h.device)).unsqueeze(1) * h2
+        return y2.view(h.shape)
 
 
 class DeltaEmbedding(nn.Module):
@@ -187,7 +203,8 @@ class DeltaEmbedding(nn.Module):
         if segs and flat.numel() != self.ctx.n_tokens:
             raise DeltaLayerError(f"{self.path}: {flat.numel()} token ids, the pass has {self.ctx.n_tokens}")
         added = flat >= vocab
-        any_added = bool(added.any())
+        # a host sync only outside the engine (which says whether the pass has added tokens)
+        any_added = bool(added.any()) if self.ctx.added_tokens is None else self.ctx.added_tokens
         y = self.base(flat.clamp(max=vocab - 1) if any_added else flat)
         backend = self.ctx.backend
         for exp, a, b in segs:

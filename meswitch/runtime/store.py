@@ -14,6 +14,10 @@ never wait for a disk. The engine asks `acquire(name)` at every step for each wa
 it answers the pinned hot expert, or None while the expert is being loaded (or waits for room),
 or raises what made its load fail, so one bad file fails only the requests that need it.
 
+Device: the packed tier lives on the model's device (an expert's tensors are read from disk into
+host memory, checked there, then moved), so on a GPU the budget counts device memory and the
+default budget is derived from the device's free memory (torch.cuda.mem_get_info).
+
 Memory: `max_memory` bounds everything the runtime adds to the base: packed and hot experts,
 loads in flight (reserved before reading), experts removed from the bundle but still pinned by
 running requests (until they finish), and the engine's KV cache (`other_bytes`). When room is
@@ -32,7 +36,9 @@ from dataclasses import dataclass
 from typing import Callable, Collection
 
 from ..bundle.format import Bundle, UnknownExpertError
-from ..compression.delta import CompressedDelta
+import torch
+
+from ..compression.delta import CompressedDelta, delta_to
 from .backend import DeltaBackend
 from .layers import HotExpert, build_hot_expert
 
@@ -94,10 +100,13 @@ def available_memory() -> int:
     return max(0, avail)
 
 
-def default_budget() -> int:
+def default_budget(device: torch.device | str = "cpu") -> int:
     """The budget when none is given: a fraction of the memory available now (after the base is
-    loaded), so that experts are evicted before the process runs out of memory."""
-    return max(64 << 20, int(available_memory() * DEFAULT_BUDGET_FRACTION))
+    loaded) on `device` (host memory, or a CUDA device's free memory), so that experts are
+    evicted before the process (or the device) runs out of memory."""
+    device = torch.device(device)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+    return max(64 << 20, int(free * DEFAULT_BUDGET_FRACTION))
 
 
 def _packed_bytes(deltas: dict[str, CompressedDelta]) -> int:
@@ -122,8 +131,10 @@ class _Entry:
 class ExpertStore:
     def __init__(self, bundle: Bundle, wrapped: dict, backend: DeltaBackend, dtype, tied: bool,
                  max_memory: int | None = None, verify: bool = True,
-                 other_bytes: Callable[[], int] = lambda: 0, on_change: Callable[[], None] = lambda: None):
+                 other_bytes: Callable[[], int] = lambda: 0, on_change: Callable[[], None] = lambda: None,
+                 device: torch.device | str = "cpu"):
         self.bundle = bundle
+        self.device = torch.device(device)  # where the packed and hot tiers live (the model's device)
         self.wrapped = wrapped
         self.backend = backend
         self.dtype = dtype
@@ -267,6 +278,7 @@ class ExpertStore:
             t0 = time.perf_counter()
             if deltas is None:
                 deltas = self.bundle.load_deltas(name, verify=verify)
+                deltas = {k: delta_to(d, self.device) for k, d in deltas.items()}  # checked on the host first
                 self.stats["disk_loads"] += 1
             t1 = time.perf_counter()
             packed = _packed_bytes(deltas)

@@ -35,6 +35,10 @@ log = logging.getLogger("meswitch.runtime")
 Prompt = str | list[dict]
 
 
+class DeviceUnavailableError(RuntimeError):
+    """The device asked for does not exist here (e.g. "cuda" with a CPU-only torch)."""
+
+
 class SourceError(BundleError):
     """The bundle an expert is to be added from is missing, invalid, or of another base."""
 
@@ -67,7 +71,7 @@ class Switch:
     def load(cls, bundle: str | os.PathLike | Bundle, base: str | os.PathLike | None = None, *,
              dtype: str | torch.dtype = "auto", max_memory: str | int | None = None, max_batch: int = 8,
              max_queue: int = 256, max_step_tokens: int = 512, max_model_len: int | None = None,
-             backend: str = "auto", threads: int | None = None, verify: bool = True,
+             backend: str = "auto", device: str | torch.device = "cpu", threads: int | None = None, verify: bool = True,
              base_fingerprint_check: bool = True, start: bool = True) -> "Switch":
         """Load the base once and open the bundle; experts are read when first needed.
 
@@ -75,11 +79,19 @@ class Switch:
         base the deltas were computed against (checked by fingerprint).
         dtype: "auto" (bfloat16 where the CPU has native bf16, else float32; meswitch.hardware),
         "float32" (greedy output equals the materialized expert's), "bfloat16" or "float16".
-        backend: "auto", "cpu" or "reference" (runtime/backend.py).
+        On a CUDA device "auto" is bfloat16 (float16 where the GPU lacks bf16).
+        backend: "auto", "cpu", "triton" or "reference" (runtime/backend.py); "auto" is "triton" on
+        a CUDA device (when triton is installed), "cpu" on the CPU.
+        device: where the base, the experts' deltas, the KV cache and sampling live ("cpu", "cuda",
+        "cuda:1").
         max_memory: budget for expert deltas and the KV cache (e.g. "2GiB"); default: 80% of the
-        memory available once the base is loaded (runtime/store.py)."""
+        memory available once the base is loaded (runtime/store.py), device memory on a GPU."""
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        dtype = resolve_dtype(dtype)
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise DeviceUnavailableError(f"device {device} requested but torch sees no CUDA device "
+                               f"(torch {torch.__version__})")
+        dtype = resolve_dtype(dtype, device)
         if threads:
             torch.set_num_threads(threads)
         ref = base or b.manifest["base"].get("reference")
@@ -88,21 +100,21 @@ class Switch:
         ckpt = Checkpoint.open(ref)
         if base_fingerprint_check:
             b.check_base_fingerprint(fingerprint(ckpt), ckpt.reference)
-        model = ckpt.load_model(dtype)
+        model = ckpt.load_model(dtype, device)
         # deltas that do not fit this base are refused when read, with the tensor named
         b.base_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         model.set_attn_implementation(register_attention())
         tokenizer = ckpt.load_tokenizer()
-        be = get_backend(backend)
+        be = get_backend(backend, device)
         ctx = DeltaContext(be)
         wrapped = install_delta_layers(model, ctx)
         budget = parse_memory(max_memory)
         if budget is None:  # experts are evicted before the process runs out of memory
-            budget = default_budget()
+            budget = default_budget(device)
             log.info("memory budget for experts and KV cache: %.0f MiB (%.0f%% of the memory available; "
                      "set max_memory to change it)", budget / 2**20, DEFAULT_BUDGET_FRACTION * 100)
         store = ExpertStore(b, wrapped, be, dtype, tied=bool(model.config.tie_word_embeddings),
-                            max_memory=budget, verify=verify)
+                            max_memory=budget, verify=verify, device=device)
         engine = Engine(model, store, ctx, max_batch=max_batch, max_queue=max_queue,
                         max_step_tokens=max_step_tokens, max_model_len=max_model_len, dtype=dtype)
         # The KV cache counts in the budget; experts make room when it grows; loads wake the engine.

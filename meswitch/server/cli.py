@@ -34,8 +34,11 @@ def add_parser(sub) -> None:
                    help="compute dtype: auto (default: bfloat16 where the CPU has native bf16, else float32), "
                         "float32 (exact), bfloat16 or float16")
     s.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="delta compute backend: cpu (meswitch's kernel on the stored codes), reference "
-                        "(dense deltas), auto (cpu when its kernel builds)")
+                   help="delta compute backend: cpu (meswitch's kernel on the stored codes), triton (the GPU "
+                        "kernel on the stored codes), reference (dense deltas), auto (triton on a GPU, cpu on "
+                        "the CPU when its kernel builds)")
+    s.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda or cuda:N: where the base, the experts and the KV cache live")
     s.add_argument("--base", default=None, help="base checkpoint (default: the path recorded in the bundle)")
     s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     s.add_argument("--no-router", action="store_true", help="do not load the bundle's router (model 'auto' is refused)")
@@ -90,7 +93,7 @@ def cmd_serve(args) -> int:
     keys = ([args.api_key] if args.api_key else []) + (read_keys(args.api_key_file) if args.api_key_file else [])
     sw = Switch.load(args.bundle, args.base, dtype=args.dtype, max_memory=args.max_memory, max_batch=args.max_batch,
                      max_queue=args.max_queue, max_model_len=args.max_model_len, threads=args.threads,
-                     backend=args.backend)
+                     backend=args.backend, device=args.device)
     router = None if args.no_router else load_router(sw)
     app = create_app(sw, router=router, api_key=keys or None, admin_key=args.admin_key or None,
                      source_dirs=args.source_dir)
@@ -107,6 +110,10 @@ def cmd_serve(args) -> int:
 
 
 def cmd_serve_ray(args) -> int:
+    if args.device != "cpu":  # replicas would have to ask Ray for GPUs: not built yet
+        print("meswitch serve --ray: --device is not supported with Ray Serve yet (replicas run on the CPU)",
+              file=sys.stderr)
+        return 2
     try:
         from .ray_serve import ServeArgs, run
     except ImportError as e:
