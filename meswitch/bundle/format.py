@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..compression.delta import CompressedDelta, delta_from_tensors
+from ..tensorfile import write_safetensors
 
 FORMAT_NAME = "meswitch-bundle"
 FORMAT_VERSION = 1
@@ -54,10 +55,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
-    """safetensors.save_file, then the permissions any other new file gets (it writes 0600),
-    so that a server running as another user can read a bundle or a materialized expert."""
-    save_file(tensors, path, metadata=metadata)
+def save_safetensors(tensors, path: Path, metadata: dict[str, str]) -> None:
+    """safetensors.save_file (or, for a TensorSource that does not fit in memory at once,
+    tensorfile.write_safetensors), then the permissions any other new file gets (the library
+    writes 0600), so that a server running as another user can read a bundle or a materialized expert."""
+    if isinstance(tensors, dict):
+        save_file(tensors, path, metadata=metadata)
+    else:
+        write_safetensors(path, tensors, metadata)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
@@ -82,6 +87,48 @@ def new_manifest(base_reference: str, base_fingerprint: str, base_config: dict, 
         },
         "experts": {},
     }
+
+
+class DeltaFile:
+    """An expert's delta file (experts/<name>.safetensors), checked on opening and read one
+    tensor at a time: `layout` maps each model tensor to its layout record."""
+
+    def __init__(self, path: Path, base_fingerprint: str):
+        self.path = path
+        try:
+            self._file = safe_open(path, framework="pt")
+            meta = self._file.metadata() or {}
+            if meta.get("format") != DELTA_FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
+                raise BundleError(f"{path}: not a version-{FORMAT_VERSION} {DELTA_FORMAT} file")
+            if meta.get("base_fingerprint") != base_fingerprint:
+                raise BundleError(f"{path}: computed against another base than this bundle's")
+            self.layout: dict[str, dict] = json.loads(meta["tensors"])
+            self._keys = set(self._file.keys())
+        except BundleError:
+            raise
+        except Exception as e:  # safetensors / json errors on a damaged file
+            raise BundleError(f"{path}: cannot read compressed expert ({e})") from e
+
+    def _tensor(self, key: str, default=...):
+        if key not in self._keys:
+            if default is not ...:
+                return default
+            raise BundleError(f"{self.path}: tensor {key} is missing")
+        return self._file.get_tensor(key)
+
+    def get(self, tname: str) -> CompressedDelta:
+        try:
+            return delta_from_tensors(tname, self.layout[tname], self._tensor)
+        except BundleError:
+            raise
+        except Exception as e:
+            raise BundleError(f"{self.path}: cannot read compressed expert ({e})") from e
+
+    def rows(self, tname: str) -> int:
+        """Rows of the rebuilt tensor: the base's, plus any the expert added to its vocabulary."""
+        extra = f"{tname}.extra_rows"
+        added = self._file.get_slice(extra).get_shape()[0] if extra in self._keys else 0
+        return int(self.layout[tname]["shape"][0]) + int(added)
 
 
 @dataclass
@@ -158,32 +205,15 @@ class Bundle:
 
     # ----- reading -------------------------------------------------------------------------
     def load_deltas(self, name: str, verify: bool = True) -> dict[str, CompressedDelta]:
+        deltas = self.open_deltas(name, verify)
+        return {tname: deltas.get(tname) for tname in deltas.layout}
+
+    def open_deltas(self, name: str, verify: bool = True) -> "DeltaFile":
+        """The expert's deltas, read one tensor at a time (for writers that must not hold them all)."""
         entry = self.entry(name)
         if verify:
             self.verify_files(name)
-        f = self.path / entry["weights"]
-        try:
-            with safe_open(f, framework="pt") as sf:
-                meta = sf.metadata() or {}
-                if meta.get("format") != DELTA_FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
-                    raise BundleError(f"{f}: not a version-{FORMAT_VERSION} {DELTA_FORMAT} file")
-                if meta.get("base_fingerprint") != self.base_fingerprint:
-                    raise BundleError(f"{f}: computed against another base than this bundle's")
-                layout = json.loads(meta["tensors"])
-                keys = set(sf.keys())
-
-                def get(key, default=...):
-                    if key not in keys:
-                        if default is not ...:
-                            return default
-                        raise BundleError(f"{f}: tensor {key} is missing")
-                    return sf.get_tensor(key)
-
-                return {tname: delta_from_tensors(tname, tmeta, get) for tname, tmeta in layout.items()}
-        except BundleError:
-            raise
-        except Exception as e:  # safetensors / json errors on a damaged file
-            raise BundleError(f"{f}: cannot read compressed expert ({e})") from e
+        return DeltaFile(self.path / entry["weights"], self.base_fingerprint)
 
     def aux_dir(self, name: str) -> Path:
         return self.path / self.entry(name)["aux_dir"]
@@ -198,17 +228,22 @@ class Bundle:
             ts, meta = d.to_tensors(tname)
             tensors.update({k: v.contiguous() for k, v in ts.items()})
             layout[tname] = meta
-        metadata = {
+        return self.stage_raw(name, tensors, self.delta_metadata(name, layout), save_aux)
+
+    def delta_metadata(self, name: str, layout: dict[str, dict]) -> dict[str, str]:
+        """The __metadata__ of an expert's delta file (docs/FORMAT.md)."""
+        return {
             "format": DELTA_FORMAT,
             "format_version": str(FORMAT_VERSION),
             "expert": name,
             "base_fingerprint": self.base_fingerprint,
             "tensors": json.dumps(layout, separators=(",", ":")),
         }
-        return self.stage_raw(name, tensors, metadata, save_aux)
 
-    def stage_raw(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], save_aux) -> dict:
-        """stage_expert for tensors already in file form (an expert copied from another bundle)."""
+    def stage_raw(self, name: str, tensors, metadata: dict[str, str], save_aux) -> dict:
+        """stage_expert for tensors already in file form: a dict (an expert copied from another
+        bundle), or a tensorfile.TensorSource read one tensor at a time (a large expert
+        compressed layer by layer)."""
         check_expert_name(name)
         if metadata.get("base_fingerprint") != self.base_fingerprint:
             raise BundleError(f"expert {name!r} was computed against another base than bundle {self.path}'s")

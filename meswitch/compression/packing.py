@@ -29,7 +29,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.dim() != 2:
         raise ValueError(f"expected a 2-D code matrix, got shape {tuple(codes.shape)}")
     rows, cols = codes.shape
-    c = codes.to(torch.int64)
+    c = codes.cpu().to(torch.int64)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits}-bit packing")
     arr = c.to(torch.uint8).numpy()
