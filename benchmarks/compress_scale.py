@@ -29,7 +29,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse
 import json
 import math
-import resource
 import shutil
 import subprocess
 import sys
@@ -209,8 +208,10 @@ def child(argv: list[str], report: Path) -> None:
     for k, (a, b) in spans.items():
         inside = [r for t, r in samples if a <= t <= b]
         phases[k] = {"seconds": round(b - a, 1), "peak_rss": max(inside) if inside else None}
-    report.write_text(json.dumps({"rc": rc, "seconds": round(t1 - t0, 1), "phases": phases,
-                                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    # VmHWM, not getrusage's ru_maxrss: Linux carries the parent's RSS at fork into a child's
+    # ru_maxrss across exec, VmHWM is this program's own peak.
+    hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    report.write_text(json.dumps({"rc": rc, "seconds": round(t1 - t0, 1), "phases": phases, "peak_rss": hwm,
                                   "start_rss": samples[0][1] if samples else None}))
 
 

@@ -173,8 +173,9 @@ MEMORY_PROBE = textwrap.dedent("""
     import meswitch.compression.layerwise as lw
     from meswitch.cli import main
 
-    # The peak from the first layer on (start-up, which reads no weights, is left out): Linux
-    # resets the high-water mark (VmHWM) when "5" is written to /proc/self/clear_refs.
+    # The peak from the first layer on: Linux resets the high-water mark (VmHWM) when "5" is
+    # written to /proc/self/clear_refs. (getrusage's ru_maxrss would not do: it carries the RSS
+    # of the parent at fork, here pytest's, across exec.)
     real = lw.LayerwiseRun.teacher_pass
     def teacher_pass(self):
         with open("/proc/self/clear_refs", "w") as f:
