@@ -8,6 +8,8 @@ compressed) and top-1 agreement with the expert.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/compress_quality.py --base BASE --workdir WORKDIR \\
         [--experts math code instructions] [--bits 2 1] [--variants ...]
+    # the table again from the cached results (nothing computed):
+    python benchmarks/compress_quality.py --base BASE --workdir WORKDIR --report --variants ...
 
 Variants (B = bits):
   whole-B        the whole-model pipeline, untuned: evaluate.py's mixed-B (the code before issue 14)
@@ -161,8 +163,13 @@ def main() -> None:
                    help="any of whole, whole-e2e, layer, layer-block, layer-e2e, layer-both")
     p.add_argument("--lr", type=float, default=None, help="block-wise learning rate (default: the CLI's)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report", action="store_true",
+                   help="only rebuild the table from the results cached in WORKDIR (nothing is computed)")
     args = p.parse_args()
     work, base = Path(args.workdir), Path(args.base)
+    if args.report:
+        publish(*cached_rows(work, args.experts, args.bits, args.variants))
+        return
     files = ev.stage_data(work)
     rows, bases = [], {}
     modes = {"layer": None, "layer-block": "blockwise", "layer-e2e": "end-to-end", "layer-both": "both"}
@@ -181,6 +188,31 @@ def main() -> None:
                     rows.append(layer_variant(ctx, files, vname, bits, modes[v], args.lr))
         del ctx
         gc.collect()
+    publish(rows, bases)
+
+
+def cached_rows(work: Path, experts: list[str], bits: list[int], variants: list[str]) -> tuple[list[dict], dict]:
+    """The rows of every variant already measured (whole-model ones cached by evaluate.py)."""
+    rows, bases = [], {}
+    for name in experts:
+        f = ev.result_path(work, name, "base")
+        if not f.is_file():
+            continue
+        bases[name] = json.loads(f.read_text())
+        for b in bits:
+            for v in variants:
+                vname = v.replace("whole", f"whole-{b}", 1).replace("layer", f"layer-{b}", 1)
+                if v.startswith("whole"):
+                    f = ev.result_path(work, name, f"mixed-{b}" + ("-tuned" if v.endswith("e2e") else ""))
+                else:
+                    f = result_file(work, name, vname)
+                if f.is_file():
+                    rows.append({**json.loads(f.read_text()), "variant": vname})
+    return rows, bases
+
+
+def publish(rows: list[dict], bases: dict) -> None:
+    """Merge `rows` into benchmarks/results/compress_quality.json and rewrite the table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     for r in rows:
         r.update(gains(bases[r["expert"]], r))

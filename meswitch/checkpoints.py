@@ -51,7 +51,7 @@ ARCH_FIELDS = (
     "tie_word_embeddings",
 )
 VOCAB_TENSOR_MARKERS = ("embed_tokens", "lm_head")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .hardware import DTYPES  # noqa: E402  (re-exported: the CLI and bundle code read it here)
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
@@ -340,11 +340,15 @@ class GGUFTensors:
         return self.get(name)[start:stop]
 
 
-def convert_gguf(src: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> Path:
+def convert_gguf(src: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                 overwrite: bool = False) -> Path:
     """Write a GGUF model as a Hugging Face safetensors directory (config, tokenizer, chat
-    template), one tensor at a time: memory stays near the largest tensor, whatever the model size."""
+    template), one tensor at a time: memory stays near the largest tensor, whatever the model size.
+    An existing non-empty `out` is refused unless `overwrite`; it is replaced only once the new
+    directory is complete."""
     from transformers import AutoTokenizer, GenerationConfig
 
+    from .files import check_output_dir, replace_dir, temp_path
     from .tensorfile import write_safetensors
 
     src = Path(src)
@@ -356,6 +360,7 @@ def convert_gguf(src: str | os.PathLike, out: str | os.PathLike, dtype: torch.dt
         src = ggufs[0]
     if src.suffix != ".gguf" or not src.is_file():
         raise CheckpointError(f"{src}: not a .gguf file")
+    check_output_dir(out, overwrite, protect=(src,))
     ckpt = Checkpoint.open(src)
 
     class CastTensors:  # the checkpoint's tensors, cast to `dtype` as they are written
@@ -365,21 +370,23 @@ def convert_gguf(src: str | os.PathLike, out: str | os.PathLike, dtype: torch.dt
         def get(self, name):
             return ckpt.get(name).to(dtype)
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_safetensors(tmp / "model.safetensors", CastTensors(), metadata={"format": "pt"})
-    config = ckpt._gguf.config
-    config.dtype = dtype
-    config.architectures = [causal_lm_class(config).__name__]
-    config.save_pretrained(tmp)
-    generation = GenerationConfig.from_model_config(config)
-    if generation.to_diff_dict():
-        generation.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name).save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(out.parent, out.name)
+    tmp.mkdir()
+    try:
+        write_safetensors(tmp / "model.safetensors", CastTensors(), metadata={"format": "pt"})
+        config = ckpt._gguf.config
+        config.dtype = dtype
+        config.architectures = [causal_lm_class(config).__name__]
+        config.save_pretrained(tmp)
+        generation = GenerationConfig.from_model_config(config)
+        if generation.to_diff_dict():
+            generation.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name).save_pretrained(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -432,17 +439,10 @@ def _hash_tensors(ckpt: Checkpoint, progress: bool) -> str:
     h = hashlib.blake2b(digest_size=16)
     names = ckpt.weight_names()
     for name in tqdm(names, desc="fingerprint base", disable=not progress, leave=False):
-        shape = ckpt.shape(name)
+        t = ckpt.get(name)
         h.update(name.encode())
-        h.update(json.dumps(list(shape)).encode())
-        # Rows are contiguous, so hashing a few rows at a time is hashing the whole tensor's
-        # float32 bytes, without a float32 copy of a 150k-row embedding in memory.
-        # (A GGUF file dequantizes only embedding / LM head rows on their own: other tensors whole.)
-        whole = not shape or (ckpt.gguf_file and not is_vocab_tensor(name))
-        step = shape[0] if whole and shape else max(1, (1 << 22) // max(1, _numel(shape[1:])))
-        for a in range(0, shape[0] if shape else 1, step):
-            rows = ckpt.get(name) if whole else ckpt.get_rows(name, a, a + step)
-            h.update(rows.to(torch.float32).contiguous().numpy().data)
+        h.update(json.dumps(list(t.shape)).encode())
+        h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
     return "blake2b-128:" + h.hexdigest()
 
 

@@ -18,7 +18,8 @@ from .compression.layerwise import TUNE_MODES, ResumeError  # noqa: E402
 from .compression.methods import METHODS, CompressionSpec, check_salient  # noqa: E402
 from .compression.pipeline import DEFAULT_TUNE  # noqa: E402
 
-USER_ERRORS = (BundleError, CheckpointError, CalibrationError, ResumeError, ValueError, FileNotFoundError, RuntimeError)
+USER_ERRORS = (BundleError, CheckpointError, CalibrationError, ResumeError, ValueError, FileNotFoundError, FileExistsError,
+               RuntimeError)
 
 
 class UsageError(ValueError):
@@ -188,7 +189,7 @@ def cmd_compress(args) -> int:
             q = result.quality
             log(f"[{n}] {entry['effective_bits']:.3f} bits/param, {nbytes / 2**20:.1f} MiB"
                 + (f", held-out KL {q['kl']:.4f}, top-1 agreement {q['top1_agreement']:.3f}" if q else ""))
-        bundle.commit(staged)
+        bundle.commit(staged, replace=args.overwrite)
     except BaseException:
         bundle.discard([r for r, _ in staged])
         if not bundle_existed and not (out / "manifest.json").exists():
@@ -259,7 +260,8 @@ def cmd_materialize(args) -> int:
     bundle.entry(args.name)
     base_path = args.base or bundle.manifest["base"]["reference"]
     base = Checkpoint.open(base_path)
-    out = materialize(bundle, args.name, base, args.out, dtype=DTYPES[args.dtype] if args.dtype else None)
+    out = materialize(bundle, args.name, base, args.out, dtype=DTYPES[args.dtype] if args.dtype else None,
+                      overwrite=args.overwrite)
     log(f"wrote {out}")
     return 0
 
@@ -268,7 +270,7 @@ def cmd_materialize(args) -> int:
 def cmd_convert(args) -> int:
     from .checkpoints import convert_gguf
 
-    out = convert_gguf(args.gguf, args.out, DTYPES[args.dtype])
+    out = convert_gguf(args.gguf, args.out, DTYPES[args.dtype], overwrite=args.overwrite)
     log(f"wrote {out}")
     return 0
 
@@ -319,12 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.add_argument("--base", help="base checkpoint (default: the reference recorded in the bundle)")
     m.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the expert's own)")
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     m.set_defaults(func=cmd_materialize)
 
     v = sub.add_parser("convert", help="convert a GGUF model to a Hugging Face safetensors directory")
     v.add_argument("gguf", help=".gguf file (or a directory holding one)")
     v.add_argument("--out", required=True)
     v.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    v.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     v.set_defaults(func=cmd_convert)
 
     from .runtime.cli import add_parser as add_generate_parser

@@ -9,7 +9,8 @@ Assumptions:
   * BASE_DIR is a local HF checkpoint (config.json + safetensors + tokenizer with a chat template),
     stored in any float dtype; it is loaded in float32 (fp32 master weights) for training.
   * DATA is JSONL with one {"prompt": str, "response": str} object per line.
-  * Training runs on CPU with bf16 autocast; the result is saved cast to --dtype.
+  * Training runs on CPU, with bf16 autocast where the CPU has native bf16 (--autocast auto;
+    emulated bf16 is slower than fp32); the result is saved cast to --dtype.
 
 The output is written to a temporary sibling directory and renamed into place at the end, so an
 interrupted run leaves no half-written OUTDIR. A rerun whose OUTDIR already holds model.safetensors
@@ -145,7 +146,7 @@ def train(model, examples, pad_id, args):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, warmup)
         input_ids, attention_mask, labels = collate([examples[i] for i in idx], pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bfloat16"):
             loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -161,7 +162,8 @@ def run_record(args, data_sha):
     # Everything that determines the result; compared on rerun to decide whether to skip.
     return {"base": os.path.abspath(args.base), "data": os.path.abspath(args.data), "data_sha256": data_sha,
             "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
-            "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "seed": args.seed, "dtype": args.dtype}
+            "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "seed": args.seed, "dtype": args.dtype,
+            "autocast": args.autocast}
 
 
 def already_done(out_dir, record):
@@ -221,7 +223,13 @@ def parse_args(argv=None):
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the saved weights")
+    ap.add_argument("--autocast", choices=("auto", "bfloat16", "off"), default="auto",
+                    help="bf16 autocast: auto (where the CPU has native bf16), bfloat16 or off (float32)")
     args = ap.parse_args(argv)
+    if args.autocast == "auto":
+        from meswitch.hardware import cpu_has_native_bf16
+
+        args.autocast = "bfloat16" if cpu_has_native_bf16() else "off"
     if args.steps < 1 or args.batch < 1 or args.seq_len < 2 or args.lr <= 0:
         ap.error("--steps, --batch must be >= 1, --seq-len >= 2 and --lr > 0")
     return args

@@ -52,12 +52,12 @@ def build_tokenizer():
 
 def tiny_config(family: str = "llama", tied: bool = True, vocab: int = VOCAB, layers: int = 2, hidden: int = 64,
                 intermediate: int = 128):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
     return cls(**common)
 
 
@@ -110,6 +110,36 @@ def save_lively_experts(d: Path, tokenizer) -> None:
         save_checkpoint(derive_expert(base, seed=seed, scale=0.05), tokenizer, d / name)
 
 
+def flip_byte(path: Path, offset: int = -1) -> None:
+    """Corrupt a file in place: one byte changed."""
+    data = bytearray(Path(path).read_bytes())
+    data[offset] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+
+
+MATH_Q = ["How many apples are left if Tom has 12 and eats 5?", "What is 7 times 8?", "A train goes 60 km in 2 hours; speed?",
+          "Anna has 3 boxes of 4 pens. How many pens?", "What is 15 minus 9?", "If 5 kg cost 20 dollars, what does 1 kg cost?"]
+CODE_Q = ["Write a Python function that reverses a list.", "def add(a, b): fix this function", "How do I sort a dict by value in Python?",
+          "Write a function to check if a string is a palindrome.", "Implement binary search in Python.", "Fix the bug in this for loop."]
+
+
+def make_served_bundle(d: Path, tokenizer) -> Path:
+    """d/bundle: the lively experts math and code (described) with a lexical router, as served in
+    the server tests."""
+    from meswitch.cli import main
+
+    save_lively_experts(d, tokenizer)
+    (d / "calib.txt").write_text("\n".join(CORPUS) + "\n")
+    assert main(["compress", "--base", str(d / "base"), "--expert", f"math={d / 'math'}", "--expert",
+                 f"code={d / 'code'}", "--out", str(d / "bundle"), "--calib", str(d / "calib.txt"),
+                 "--description", "math=grade-school arithmetic", "--description", "code=Python programming"]) == 0
+    (d / "math.txt").write_text("\n".join(MATH_Q * 3) + "\n")
+    (d / "code.txt").write_text("\n".join(CODE_Q * 3) + "\n")
+    assert main(["router", "train", str(d / "bundle"), "--backend", "lexical", "--examples", f"math={d / 'math.txt'}",
+                 "--examples", f"code={d / 'code.txt'}", "--threshold", "0.3"]) == 0
+    return d / "bundle"
+
+
 def save_checkpoint(model, tokenizer, path: Path, dtype=torch.bfloat16) -> Path:
     path = Path(path)
     model.to(dtype).save_pretrained(path, safe_serialization=True)
@@ -121,6 +151,12 @@ def save_checkpoint(model, tokenizer, path: Path, dtype=torch.bfloat16) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def served_bundle(tmp_path_factory, tokenizer) -> Path:
+    """make_served_bundle, once for the session (the server tests, single-process and Ray)."""
+    return make_served_bundle(tmp_path_factory.mktemp("srv"), tokenizer)
 
 
 @pytest.fixture(scope="session")

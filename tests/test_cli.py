@@ -86,7 +86,7 @@ def test_manifest_records_what_was_built(bundle, tiny_models, calib_file):
     assert e["method"] == "mixed" and e["params"]["bits"] == 2 and e["params"]["tune_steps"] == 8
     assert e["source"] == str(tiny_models["math"])
     # Effective bits count the whole file: bytes on disk * 8 / parameters.
-    size = (bundle / "experts" / "math.safetensors").stat().st_size
+    size = (bundle / e["weights"]).stat().st_size
     assert e["bytes"] == size
     assert e["effective_bits"] == pytest.approx(8 * size / e["num_parameters"])
     expert = Checkpoint.open(tiny_models["math"])
@@ -101,7 +101,7 @@ def test_manifest_records_what_was_built(bundle, tiny_models, calib_file):
     assert gap["top1_agreement"] < q["top1_agreement"] <= 1
     assert e["tuning"]["mode"] == "blockwise" and e["tuning"]["kl_after"] < e["tuning"]["kl_before"]
     assert all(a < b for a, b in zip(e["tuning"]["layer_mse_after"], e["tuning"]["layer_mse_before"]))
-    assert (bundle / "experts" / "math" / "tokenizer.json").is_file()
+    assert (bundle / e["aux_dir"] / "tokenizer.json").is_file()
 
 
 def test_inspect_prints_a_table(bundle, capsys):
@@ -197,11 +197,12 @@ def test_salient_channels_carry_the_outlier_channels_of_an_expert(tmp_path, toke
 def test_adding_an_expert_to_an_existing_bundle(tiny_models, tmp_path):
     out = tmp_path / "grow"
     assert compress("--base", tiny_models["base"], "--expert", f"math={tiny_models['math']}", "--out", out) == 0
-    math_bytes = (out / "experts" / "math.safetensors").read_bytes()
+    math_entry = Bundle.open(out).experts["math"]
+    math_bytes = (out / math_entry["weights"]).read_bytes()
     assert compress("--base", tiny_models["base"], "--expert", f"code={tiny_models['code']}", "--out", out) == 0
     b = Bundle.open(out)
-    assert set(b.experts) == {"math", "code"}
-    assert (out / "experts" / "math.safetensors").read_bytes() == math_bytes
+    assert set(b.experts) == {"math", "code"} and b.experts["math"]["files"] == math_entry["files"]
+    assert (out / b.experts["math"]["weights"]).read_bytes() == math_bytes
     for name in b.experts:
         b.verify_files(name)
 
@@ -233,7 +234,7 @@ def test_a_different_base_is_refused_and_the_bundle_left_intact(small_bundle, ti
 
 
 def test_corrupted_or_missing_files_are_refused(small_bundle, tmp_path, capsys):
-    f = small_bundle / "experts" / "math.safetensors"
+    f = small_bundle / Bundle.open(small_bundle).experts["math"]["weights"]
     data = bytearray(f.read_bytes())
     data[-10] ^= 0xFF
     f.write_bytes(bytes(data))

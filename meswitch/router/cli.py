@@ -9,7 +9,9 @@ from .backends import BACKENDS
 from .core import (
     DEFAULT_BACKEND,
     DEFAULT_MAX_EXAMPLES,
+    DEFAULT_OOD_QUANTILE,
     DEFAULT_SWITCH_CONFIDENCE,
+    OOD_QUANTILES,
     DEFAULT_THRESHOLD,
     FALLBACK_BASE,
 )
@@ -31,6 +33,18 @@ def _probability(v: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a probability, got {v!r}") from None
     if not 0 <= x <= 1:
         raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {v}")
+    return x
+
+
+def _ood_quantile(v: str) -> float:
+    import argparse
+
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+    if x != 0 and x not in OOD_QUANTILES:
+        raise argparse.ArgumentTypeError(f"expected 0 or one of {', '.join(map(str, OOD_QUANTILES))}, got {v}")
     return x
 
 
@@ -70,7 +84,7 @@ def cmd_router_train(args) -> int:
             raise _usage_error(f"--examples {name}={f}: file not found")
     entry = train_router(bundle, args.backend, examples=files, threshold=args.threshold, fallback=args.fallback,
                          switch_confidence=args.switch_confidence, layer=args.layer, max_tokens=args.max_tokens,
-                         max_examples=args.max_examples, c=args.C, device=args.device)
+                         max_examples=args.max_examples, c=args.C, device=args.device, ood_quantile=args.ood_quantile)
     m = entry.get("metrics", {})
     _log(f"router ({entry['backend']}) trained for experts {', '.join(entry['labels'])} in {m.get('train_seconds')} s")
     if m.get("heldout_examples"):
@@ -104,7 +118,8 @@ def _query(args):
 def _load_router(args):
     from .core import Router
 
-    return Router.load(_open(args.bundle), threshold=args.threshold, fallback=args.fallback, device=args.device)
+    return Router.load(_open(args.bundle), threshold=args.threshold, fallback=args.fallback,
+                       ood_quantile=args.ood_quantile, device=args.device)
 
 
 def cmd_route(args) -> int:
@@ -113,7 +128,11 @@ def cmd_route(args) -> int:
     if args.json:
         print(json.dumps(d.as_dict(), indent=2))
         return 0
-    why = f" (fallback: top probability below the threshold {router.threshold:.2f})" if d.fallback else ""
+    why = ""
+    if d.out_of_domain:
+        why = f" (fallback: out of domain, resemblance {d.resemblance:.3f} to {d.top}'s examples is below its threshold)"
+    elif d.fallback:
+        why = f" (fallback: top probability below the threshold {router.threshold:.2f})"
     why += " (stays with the conversation's expert)" if d.sticky and d.expert != d.top else ""
     print(f"{d.expert}{why}")
     for name, p in sorted(d.probabilities.items(), key=lambda kv: -kv[1]):
@@ -181,8 +200,9 @@ def add_router_commands(sub) -> None:
                    help="example queries for an expert (.txt: one per line; .jsonl/.json: text/prompt/question/"
                         "instruction/messages); default: the calibration prompts stored at compression")
     t.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
-                   help="lexical: tf-idf word n-grams + logistic regression (default); embed: MiniLM sentence "
-                        "embeddings + logistic regression; base: the base LLM's "
+                   help="hybrid (default): word and character tf-idf + static token embeddings distilled from "
+                        "MiniLM + logistic regression, with an out-of-domain check; lexical: word tf-idf + logistic "
+                        "regression; embed: MiniLM sentence embeddings + logistic regression; base: the base LLM's "
                         "hidden states + logistic regression; zeroshot: a multiple-choice prompt to the base LLM")
     t.add_argument("--threshold", type=_probability, default=DEFAULT_THRESHOLD,
                    help=f"below this top probability a query goes to the fallback (default {DEFAULT_THRESHOLD})")
@@ -190,6 +210,10 @@ def add_router_commands(sub) -> None:
     t.add_argument("--switch-confidence", type=_probability, default=DEFAULT_SWITCH_CONFIDENCE,
                    help="a conversation leaves its expert only when its newest turn gives another expert at least "
                         f"this probability (default {DEFAULT_SWITCH_CONFIDENCE})")
+    t.add_argument("--ood-quantile", type=_ood_quantile, default=DEFAULT_OOD_QUANTILE,
+                   help="hybrid: each expert's out-of-domain threshold lets about this fraction of its held-out "
+                        f"examples fall back (one of {', '.join(map(str, OOD_QUANTILES))}; 0: no check; default "
+                        f"{DEFAULT_OOD_QUANTILE})")
     t.add_argument("--max-examples", type=int, default=DEFAULT_MAX_EXAMPLES, help="examples per expert at most")
     t.add_argument("--layer", type=int, help="base backend: decoder layer whose hidden states are pooled (default: middle)")
     t.add_argument("--max-tokens", type=int, help="tokens of a query the backend reads (default 128; zeroshot 256)")
@@ -219,5 +243,7 @@ def add_router_commands(sub) -> None:
 def _route_options(p) -> None:
     p.add_argument("--threshold", type=_probability, help="override the stored threshold")
     p.add_argument("--fallback", help="override the stored fallback ('base' or an expert)")
+    p.add_argument("--ood-quantile", type=_ood_quantile, help="hybrid: use the out-of-domain thresholds stored for "
+                                                             "this quantile (0: no check)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--device", default="cpu")

@@ -8,6 +8,14 @@ Routing rule (documented in the README, "Routing"):
    newest user turn *alone* gives another expert a probability of at least `switch_confidence`.
 3. Otherwise, if the top probability is below `threshold`, the query goes to the `fallback`
    (the base model, "base", or a named general expert).
+4. Otherwise (`hybrid` backend), if the query does not resemble the chosen expert's examples
+   (its resemblance, mixed over turns with the same weights, is below that expert's
+   out-of-domain threshold), it goes to the fallback too: a softmax over the experts always
+   names one of them, so "none of them" needs this separate signal. Each expert's threshold is
+   chosen at training on that expert's examples: the `ood_quantile` (default 3%) of their
+   resemblance to the expert's other examples (leave-one-out), so that about that fraction of
+   queries like the examples falls back, capped by how much the other experts' examples resemble
+   it (calibrate_ood).
 """
 from __future__ import annotations
 
@@ -21,26 +29,32 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle.format import EXAMPLES_FILE, Bundle, sha256_file
+from ..bundle.format import EXAMPLES_FILE, ROUTER_DIR, Bundle, BundleError, sha256_file
+from ..files import durable_replace, fsync_path, remove_path
 from .backends import (
     BACKENDS,
     BaseEncoder,
     EmbedEncoder,
+    ExampleIndex,
+    HybridEncoder,
     LexicalEncoder,
+    StaticEmbedder,
     ZeroShotScorer,
+    static_table,
 )
 from .data import Query, load_queries, query_text, user_turns
 from .errors import RouterError
 from .head import Head, train_head
 
-ROUTER_DIR = "router"
-DEFAULT_BACKEND = "lexical"  # chosen by benchmarks/router.py: README "Routing: the backends side by side"
+DEFAULT_BACKEND = "hybrid"  # chosen by benchmarks/router.py: README "Routing: the backends side by side"
 FALLBACK_BASE = "base"
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_SWITCH_CONFIDENCE = 0.9
 TURN_WEIGHTS = (1.0, 0.5, 0.25)  # newest user turn first
 DEFAULT_MAX_EXAMPLES = 2000
-DEFAULT_MAX_TOKENS = {"embed": 128, "base": 128, "zeroshot": 256, "lexical": 0}
+DEFAULT_MAX_TOKENS = {"embed": 128, "base": 128, "zeroshot": 256, "lexical": 0, "hybrid": 0}
+DEFAULT_OOD_QUANTILE = 0.03  # fraction of an expert's held-out examples its out-of-domain threshold rejects
+OOD_QUANTILES = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2)  # thresholds stored for each
 
 
 @dataclass
@@ -53,10 +67,13 @@ class RouteDecision:
     top: str = ""                     # the most probable expert (even when not chosen)
     sticky: bool = False              # True when the conversation stayed with previous_expert
     backend: str = ""
+    resemblance: float | None = None  # to the top expert's examples (hybrid backend), else None
+    out_of_domain: bool = False       # True when the fallback was chosen because of low resemblance
 
     def as_dict(self) -> dict:
         return {"expert": self.expert, "fallback": self.fallback, "confidence": self.confidence,
                 "probabilities": self.probabilities, "top": self.top, "sticky": self.sticky,
+                "resemblance": self.resemblance, "out_of_domain": self.out_of_domain,
                 "latency_ms": self.latency_ms, "backend": self.backend}
 
 
@@ -88,21 +105,26 @@ class Router:
     def __init__(self, bundle: Bundle, backend: str, labels: list[str], *, head: Head | None = None, encoder=None,
                  scorer: ZeroShotScorer | None = None, threshold: float = DEFAULT_THRESHOLD,
                  fallback: str = FALLBACK_BASE, switch_confidence: float = DEFAULT_SWITCH_CONFIDENCE,
-                 entry: dict | None = None):
+                 entry: dict | None = None, index: ExampleIndex | None = None,
+                 ood_thresholds: np.ndarray | None = None):
         self.bundle, self.backend, self.labels = bundle, backend, list(labels)
         self.head, self.encoder, self.scorer = head, encoder, scorer
         self.threshold = check_threshold(threshold)
         self.fallback = check_fallback(bundle, fallback)
         self.switch_confidence = switch_confidence
         self.entry = entry or {}
+        self.index = index
+        self.ood_thresholds = ood_thresholds  # [len(labels)], or None: no out-of-domain check
 
     # ----- loading -------------------------------------------------------------------------
     @classmethod
     def load(cls, bundle: Bundle, model=None, tokenizer=None, *, threshold: float | None = None,
-             fallback: str | None = None, device: str = "cpu") -> Router:
+             fallback: str | None = None, ood_quantile: float | None = None, device: str = "cpu") -> Router:
         """The bundle's trained router; without one, a zero-shot router when the experts have
         descriptions. `model`/`tokenizer`: the resident base (transformers CausalLM), used by the
-        `base` and `zeroshot` backends; loaded from the bundle's base reference when not given."""
+        `base` and `zeroshot` backends; loaded from the bundle's base reference when not given.
+        `ood_quantile` (hybrid): one of the stored OOD_QUANTILES instead of the trained one; 0
+        turns the out-of-domain check off."""
         entry = bundle.manifest.get("router")
         if not entry:
             desc = _descriptions(bundle)
@@ -135,6 +157,17 @@ class Router:
             if not isinstance(terms, list) or "idf" not in tensors:
                 raise RouterError(f"bundle {bundle.path}: the lexical router's vocabulary or idf weights are missing")
             encoder = LexicalEncoder(terms, tensors["idf"])
+        elif backend == "hybrid":
+            encoder = load_hybrid(bundle, entry, tensors)
+            thresholds = ood_thresholds(entry, labels, ood_quantile)
+            index = None
+            if thresholds is not None:
+                index = ExampleIndex.from_tensors(tensors, encoder.char.dim, len(labels))
+            if head.coef.shape != (len(labels), encoder.dim):
+                raise RouterError(f"router head has shape {tuple(head.coef.shape)}, expected ({len(labels)}, "
+                                  f"{encoder.dim}) for this hybrid backend: retrain the router")
+            return cls(bundle, backend, labels, head=head, encoder=encoder, index=index, ood_thresholds=thresholds,
+                       **opts)
         elif backend == "embed":
             encoder = embed_encoder(enc_cfg.get("max_tokens", DEFAULT_MAX_TOKENS["embed"]), device)
         else:
@@ -153,9 +186,17 @@ class Router:
     # ----- routing -------------------------------------------------------------------------
     def probabilities(self, texts: list[str], progress: bool = False) -> np.ndarray:
         """[len(texts), len(labels)] probabilities, one row per text (no conversation logic)."""
+        return self.scores(texts, progress)[0]
+
+    def scores(self, texts: list[str], progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities [len(texts), len(labels)], resemblance to each expert's examples of the
+        same shape, or None without an out-of-domain index)."""
         if self.scorer is not None:
-            return self.scorer.probabilities(texts, progress=progress)
-        return self.head.predict_proba(self.encoder.encode(texts, progress=progress))
+            return self.scorer.probabilities(texts, progress=progress), None
+        if isinstance(self.encoder, HybridEncoder):
+            x, static, char = self.encoder.encode_parts(texts)
+            return self.head.predict_proba(x), None if self.index is None else self.index.similarity(static, char)
+        return self.head.predict_proba(self.encoder.encode(texts, progress=progress)), None
 
     def route(self, query: Query, previous_expert: str | None = None) -> RouteDecision:
         t0 = time.perf_counter()
@@ -167,22 +208,44 @@ class Router:
                 raise RouterError("the conversation has no user message to route on")
         else:
             raise RouterError(f"a query is a string or a list of chat messages, not {type(query).__name__}")
-        probs = self.probabilities(turns)
-        w = np.array(TURN_WEIGHTS[: len(turns)][::-1])[:, None]
+        probs, sim = self.scores(turns)
+        return self.decide(probs, sim, previous_expert, t0)
+
+    def route_batch(self, texts: list[str], progress: bool = False) -> list[RouteDecision]:
+        """route() for many single-turn queries at once (features computed in batches; each
+        decision's latency_ms is the batch's time divided by the number of queries)."""
+        t0 = time.perf_counter()
+        probs, sim = self.scores(texts, progress=progress)
+        per = (time.perf_counter() - t0) * 1000 / max(1, len(texts))
+        out = []
+        for i in range(len(texts)):
+            d = self.decide(probs[i:i + 1], None if sim is None else sim[i:i + 1], None, time.perf_counter())
+            d.latency_ms = per
+            out.append(d)
+        return out
+
+    def decide(self, probs: np.ndarray, sim: np.ndarray | None, previous_expert: str | None,
+               t0: float) -> RouteDecision:
+        """The routing rule (module docstring) on the scores of a conversation's last user turns,
+        oldest first: probabilities [turns, experts] and resemblance (or None)."""
+        w = np.array(TURN_WEIGHTS[: len(probs)][::-1])[:, None]
         p = (probs * w).sum(0) / w.sum()
         top = int(p.argmax())
-        expert, fallback, sticky = self.labels[top], False, False
+        expert, fallback, sticky, ood = self.labels[top], False, False, False
         if previous_expert in self.labels and expert != previous_expert:
             if probs[-1, top] < self.switch_confidence:
                 expert, sticky = previous_expert, True
         elif previous_expert in self.labels:
             sticky = True
+        resemblance = None if sim is None else float((sim[:, top] * w[:, 0]).sum() / w.sum())
         if not sticky and p[top] < self.threshold:
             expert, fallback = self.fallback, True
+        elif not sticky and self.ood_thresholds is not None and resemblance < self.ood_thresholds[top]:
+            expert, fallback, ood = self.fallback, True, True
         return RouteDecision(expert=expert, probabilities={n: float(x) for n, x in zip(self.labels, p, strict=True)},
                              confidence=float(p[top]), fallback=fallback,
                              latency_ms=(time.perf_counter() - t0) * 1000, top=self.labels[top], sticky=sticky,
-                             backend=self.backend)
+                             backend=self.backend, resemblance=resemblance, out_of_domain=ood)
 
 
 def check_threshold(threshold: float) -> float:
@@ -203,13 +266,49 @@ def _verified(bundle: Bundle, entry: dict, rel: str | None) -> Path:
     """A router file of the bundle, checked against the manifest's SHA-256."""
     if not rel:
         raise RouterError(f"bundle {bundle.path}: the router entry names no file for its weights/vocabulary")
-    f = bundle.path / rel
+    try:
+        f = bundle.resolve(rel, ROUTER_DIR)
+    except BundleError as e:
+        raise RouterError(str(e)) from e
     if not f.is_file():
         raise RouterError(f"router file {rel} is missing from bundle {bundle.path}")
     digest = (entry.get("files") or {}).get(rel)
     if digest is None or sha256_file(f) != digest:
         raise RouterError(f"router file {rel} is corrupted (SHA-256 does not match the manifest)")
     return f
+
+
+def load_hybrid(bundle: Bundle, entry: dict, tensors: dict[str, np.ndarray]) -> HybridEncoder:
+    """The hybrid backend's encoder from its stored vocabularies, idf weights, static table and tokenizer."""
+    vocab = json.loads(_verified(bundle, entry, entry.get("vocabulary")).read_text())
+    tokenizer_json = _verified(bundle, entry, entry.get("tokenizer")).read_text(encoding="utf-8")
+    need = ("word_idf", "char_idf", "static_table", "static_mean", "static_scale")
+    missing = [k for k in need if k not in tensors]
+    if missing or not isinstance(vocab.get("terms"), list) or not isinstance(vocab.get("char_terms"), list):
+        raise RouterError(f"bundle {bundle.path}: the hybrid router's vocabulary or tensors are missing "
+                          f"({', '.join(missing) or 'terms'}): retrain the router")
+    return HybridEncoder(LexicalEncoder(vocab["terms"], tensors["word_idf"], analyzer="word"),
+                         LexicalEncoder(vocab["char_terms"], tensors["char_idf"], analyzer="char_wb"),
+                         StaticEmbedder(tensors["static_table"], tokenizer_json),
+                         tensors["static_mean"], tensors["static_scale"])
+
+
+def ood_thresholds(entry: dict, labels: list[str], quantile: float | None) -> np.ndarray | None:
+    """Per-expert out-of-domain thresholds of a stored router (None: no check): the trained
+    quantile's, another stored quantile's, or none for quantile 0."""
+    ood = entry.get("ood")
+    if quantile == 0 or not ood:
+        return None
+    q = ood.get("quantile") if quantile is None else quantile
+    by_q = ood.get("thresholds_by_quantile") or {}
+    key = f"{q:g}"
+    if key not in by_q:
+        raise RouterError(f"out-of-domain quantile {q:g} is not stored with this router (stored: "
+                          f"{', '.join(by_q) or 'none'}; 0 turns the check off)")
+    try:
+        return np.array([float(by_q[key][n]) for n in labels])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RouterError(f"the router's out-of-domain thresholds are damaged ({e}): retrain the router") from None
 
 
 def load_head(bundle: Bundle, entry: dict) -> tuple[Head, dict[str, np.ndarray]]:
@@ -224,46 +323,55 @@ def load_head(bundle: Bundle, entry: dict) -> tuple[Head, dict[str, np.ndarray]]
 
 
 def _place(bundle: Bundle, tmp: Path, stem: str, suffix: str) -> tuple[str, str]:
-    """Rename a written file to router/<stem>-<sha256 prefix><suffix>; returns (path, sha256)."""
+    """Rename a written file to router/<stem>-<sha256 prefix><suffix> (bundle lock held);
+    returns (path, sha256)."""
     digest = sha256_file(tmp)
     rel = f"{ROUTER_DIR}/{stem}-{digest[:16]}{suffix}"
-    tmp.replace(bundle.path / rel)
+    fsync_path(tmp)
+    durable_replace(tmp, bundle.resolve(rel, ROUTER_DIR))
     return rel, digest
 
 
 def save_router(bundle: Bundle, entry: dict, head: Head | None, extra: dict[str, np.ndarray] | None = None,
-                terms: list[str] | None = None) -> dict:
-    """Write the head (+ `extra` tensors) as safetensors and a lexical vocabulary as JSON, each
-    named by its content hash so that the old manifest stays valid until the new one replaces
-    it; then the manifest; then remove the old router files."""
+                vocabulary: dict | None = None, tokenizer_json: str | None = None) -> dict:
+    """Write the head (+ `extra` tensors) as safetensors, a lexical vocabulary and a tokenizer as
+    JSON, each named by its content hash so that the old manifest stays valid until the new one
+    replaces it; then the manifest; then remove the old router files."""
     import torch
 
     from ..bundle.format import save_safetensors
 
-    rdir = bundle.path / ROUTER_DIR
-    rdir.mkdir(parents=True, exist_ok=True)
     entry = dict(entry)
-    files = {}
-    if head is not None:
-        tmp = rdir / ".head.safetensors.tmp"
-        tensors = {**head.tensors(), **(extra or {})}
-        save_safetensors({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, tmp,
-                         metadata={"format": "meswitch-router-head", "labels": ",".join(entry["labels"])})
-        rel, files[rel] = _place(bundle, tmp, "head", ".safetensors")
-        entry["weights"] = rel
-        entry["temperature"] = head.temperature
-    if terms is not None:
-        tmp = rdir / ".vocab.json.tmp"
-        tmp.write_text(json.dumps({"terms": terms}, ensure_ascii=False))
-        rel, files[rel] = _place(bundle, tmp, "vocab", ".json")
-        entry["vocabulary"] = rel
-    entry["files"] = files
-    entry["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    bundle.manifest["router"] = entry
-    bundle.write_manifest()
-    for f in rdir.iterdir():
-        if f.is_file() and f"{ROUTER_DIR}/{f.name}" not in files:
-            f.unlink()
+    written = []  # (temporary file, stem, suffix, manifest key)
+    try:
+        if head is not None:
+            tmp = bundle.new_temp_path("head.safetensors", ROUTER_DIR)
+            written.append((tmp, "head", ".safetensors", "weights"))
+            tensors = {**head.tensors(), **(extra or {})}
+            save_safetensors({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, tmp,
+                             metadata={"format": "meswitch-router-head", "labels": ",".join(entry["labels"])})
+            entry["temperature"] = head.temperature
+        if vocabulary is not None:
+            tmp = bundle.new_temp_path("vocab.json", ROUTER_DIR)
+            written.append((tmp, "vocab", ".json", "vocabulary"))
+            tmp.write_text(json.dumps(vocabulary, ensure_ascii=False))
+        if tokenizer_json is not None:
+            tmp = bundle.new_temp_path("tokenizer.json", ROUTER_DIR)
+            written.append((tmp, "tokenizer", ".json", "tokenizer"))
+            tmp.write_text(tokenizer_json, encoding="utf-8")
+        # Under the bundle's lock: the files into place, then the manifest (re-read from disk, so an
+        # expert added meanwhile by another process is kept); replaced router files are deleted.
+        with bundle.transaction() as manifest:
+            files = {}
+            for tmp, stem, suffix, key in written:
+                rel, files[rel] = _place(bundle, tmp, stem, suffix)
+                entry[key] = rel
+            entry["files"] = files
+            entry["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            manifest["router"] = entry
+    finally:
+        for tmp, _, _, _ in written:
+            remove_path(tmp)
     return entry
 
 
@@ -273,7 +381,7 @@ def stored_examples(bundle: Bundle, name: str) -> list[Query] | None:
     the manifest; None when it has none."""
     rel = f"{bundle.entry(name)['aux_dir']}/{EXAMPLES_FILE}"
     digest = bundle.entry(name).get("files", {}).get(rel)
-    f = bundle.path / rel
+    f = bundle.resolve(rel)
     if digest is None or not f.is_file():
         return None
     if sha256_file(f) != digest:
@@ -329,7 +437,7 @@ def train_router(bundle: Bundle, backend: str = DEFAULT_BACKEND, *, examples: di
                  fallback: str = FALLBACK_BASE, switch_confidence: float = DEFAULT_SWITCH_CONFIDENCE,
                  model=None, tokenizer=None, layer: int | None = None, max_tokens: int | None = None,
                  max_examples: int = DEFAULT_MAX_EXAMPLES, c: float | None = None, device: str = "cpu",
-                 progress: bool = True, seed: int = 0) -> dict:
+                 ood_quantile: float = DEFAULT_OOD_QUANTILE, progress: bool = True, seed: int = 0) -> dict:
     """Train the bundle's router and store it in the bundle. Returns the manifest's router entry."""
     if backend not in BACKENDS:
         raise RouterError(f"unknown router backend {backend!r} (choose from {', '.join(BACKENDS)})")
@@ -337,6 +445,9 @@ def train_router(bundle: Bundle, backend: str = DEFAULT_BACKEND, *, examples: di
     check_fallback(bundle, fallback)
     if not 0 < switch_confidence <= 1:
         raise RouterError(f"switch confidence must be in (0, 1], got {switch_confidence}")
+    if ood_quantile != 0 and ood_quantile not in OOD_QUANTILES:
+        raise RouterError(f"out-of-domain quantile must be one of {', '.join(map(str, OOD_QUANTILES))} "
+                          f"(or 0: no check), got {ood_quantile}")
     max_tokens = max_tokens or DEFAULT_MAX_TOKENS[backend]
     entry = {"backend": backend, "threshold": threshold, "fallback": fallback, "switch_confidence": switch_confidence,
              "context": {"user_turns": len(TURN_WEIGHTS), "weights_newest_first": list(TURN_WEIGHTS)}}
@@ -358,22 +469,71 @@ def train_router(bundle: Bundle, backend: str = DEFAULT_BACKEND, *, examples: di
     ex = {n: _subsample(ex[n], max_examples, seed) for n in labels}
     texts = [query_text(q) for n in labels for q in ex[n]]
     y = np.array([i for i, n in enumerate(labels) for _ in ex[n]])
-    extra, terms = None, None
+    extra, vocabulary, tokenizer_json = None, None, None
     if backend == "embed":
         encoder = embed_encoder(max_tokens, device)
     elif backend == "lexical":
         encoder = LexicalEncoder().fit(texts)
-        extra, terms = {"idf": encoder.vectorizer.idf_.astype(np.float32)}, encoder.terms()
+        extra, vocabulary = {"idf": encoder.idf}, {"terms": encoder.terms()}
+    elif backend == "hybrid":
+        table, tokenizer_json, version = static_table()
+        encoder, static = HybridEncoder.fit(texts, table, tokenizer_json)
+        extra = encoder.tensors()
+        vocabulary = {"terms": encoder.word.terms(), "char_terms": encoder.char.terms()}
     else:
         model, tokenizer = load_base(bundle, model, tokenizer, device)
         encoder = BaseEncoder(model, tokenizer, layer=layer, max_tokens=max_tokens)
     x = encoder.encode(texts, progress=progress)
     head, metrics = train_head(x, y, len(labels), c=c, seed=seed)
+    if backend == "hybrid":
+        char = encoder.char.encode(texts)
+        if ood_quantile:
+            entry["ood"] = calibrate_ood(static, char, y, labels, ood_quantile)
+        extra.update(ExampleIndex(static, char, y, len(labels)).tensors())
+        entry["encoder_package_version"] = version
     metrics.update({"examples_per_expert": {n: len(ex[n]) for n in labels}, "example_source": source,
                     "train_seconds": round(time.perf_counter() - t0, 2)})
     entry.update({"labels": labels, "encoder": encoder.config(), "metrics": metrics,
                   "examples_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest()})
-    return save_router(bundle, entry, head, extra, terms)
+    return save_router(bundle, entry, head, extra, vocabulary, tokenizer_json)
+
+
+CROSS_QUANTILE = 0.99  # cap on a threshold: this quantile of the other experts' examples' resemblance
+
+
+def calibrate_ood(static: np.ndarray, char, y: np.ndarray, labels: list[str], quantile: float) -> dict:
+    """Per-expert out-of-domain thresholds from the examples alone.
+
+    Leave-one-out: each example's resemblance to the other examples of its own expert is scored
+    as a query's would be (ExampleIndex.similarity); an expert's threshold for quantile q is the
+    q-quantile of its examples' scores, so that about q of queries like its examples fall back.
+    Capped: a threshold never exceeds the CROSS_QUANTILE of the *other* experts' examples'
+    resemblance to the expert, i.e. a query that resembles the expert more than 99% of the other
+    experts' examples do is taken as the expert's. The cap matters when the examples are narrower
+    than the queries (templated examples, or examples that include answers): their
+    leave-one-out scores are then higher than any real query's. Experts with fewer than
+    MIN_PER_CLASS_FOR_SPLIT examples make no estimate: no check then."""
+    from .head import MIN_PER_CLASS_FOR_SPLIT
+
+    counts = np.bincount(y, minlength=len(labels))
+    if counts.min() < MIN_PER_CLASS_FOR_SPLIT:
+        return {}
+    everyone = ExampleIndex(static, char, y, len(labels))
+    own, cap = [], []
+    for j in range(len(labels)):
+        rows, others = np.flatnonzero(y == j), np.flatnonzero(y != j)
+        index = ExampleIndex(static[rows], char[rows], np.zeros(len(rows), dtype=int), 1)
+        own.append(index.similarity(static[rows], char[rows], exclude_self=True)[:, 0])
+        cross = np.concatenate([everyone.similarity(static[c], char[c])[:, j]
+                                for c in np.array_split(others, max(1, len(others) // 1000))])
+        cap.append(float(np.quantile(cross, CROSS_QUANTILE)))
+    grid = {f"{q:g}": {n: min(float(np.quantile(own[j], q)), cap[j]) for j, n in enumerate(labels)}
+            for q in OOD_QUANTILES}
+    return {"quantile": quantile, "score": f"mean of the top {ExampleIndex.K} similarities to the expert's examples "
+                                           "(similarity: mean of static-vector and character tf-idf cosines)",
+            "calibration": f"leave-one-out quantile of each expert's examples, capped at the {CROSS_QUANTILE} "
+                           "quantile of the other experts' examples",
+            "cap": dict(zip(labels, cap, strict=True)), "thresholds_by_quantile": grid}
 
 
 @dataclass
@@ -401,7 +561,7 @@ def evaluate(router: Router, data: list[tuple[Query, str]], progress: bool = Tru
     columns = labels + ([router.fallback] if router.fallback not in labels else [])
     rows = labels + ([router.fallback] if any(lab == router.fallback for _, lab in data) and
                      router.fallback not in labels else [])
-    y_true, y_pred, y_top, lat, fell_back = [], [], [], [], 0
+    y_true, y_pred, y_top, lat, fell_back, ood = [], [], [], [], 0, 0
     router.route(query_text(data[0][0]) or "warm-up")  # first call pays one-time costs
     for q, lab in tqdm(data, desc="route", disable=not progress, leave=False):
         d = router.route(q)
@@ -410,10 +570,11 @@ def evaluate(router: Router, data: list[tuple[Query, str]], progress: bool = Tru
         y_top.append(labels.index(d.top))
         lat.append(d.latency_ms)
         fell_back += d.fallback
+        ood += d.out_of_domain
     k = len(rows)
     m = classification_metrics(y_true, y_pred, k)
     top = classification_metrics(y_true, y_top, k)
-    m.update({"fallback_rate": fell_back / len(data),
+    m.update({"fallback_rate": fell_back / len(data), "out_of_domain_rate": ood / len(data),
               "top1_accuracy": top["accuracy"], "top1_macro_f1": top["macro_f1"],
               "latency_ms_p50": float(np.percentile(lat, 50)), "latency_ms_p99": float(np.percentile(lat, 99)),
               "latency_ms_mean": float(np.mean(lat))})

@@ -20,6 +20,7 @@ from scipy import sparse
 from .errors import RouterError
 
 MIN_PER_CLASS_FOR_SPLIT = 5
+CALIB_FRACTION = 0.2  # of the examples held out to pick C and fit the temperature
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.5, 20.0
 C_GRID = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried when none is given
 
@@ -39,6 +40,18 @@ class Head:
     temperature: float = 1.0
 
     def logits(self, x) -> np.ndarray:
+        if isinstance(x, list):  # column blocks side by side (hybrid features), not concatenated
+            widths = tuple(block.shape[1] for block in x)
+            if sum(widths) != self.coef.shape[1]:
+                raise RouterError(f"router head expects {self.coef.shape[1]} features, the blocks have {sum(widths)}")
+            if getattr(self, "_block_widths", None) != widths:  # each block's coefficients, contiguous, once
+                edges = np.cumsum((0,) + widths)
+                self._blocks = [np.ascontiguousarray(self.coef[:, a:b].T) for a, b in itertools.pairwise(edges)]
+                self._block_widths = widths
+            out = self.intercept.astype(np.float64)
+            for block, w in zip(x, self._blocks, strict=True):
+                out = out + np.asarray(block @ w)
+            return out
         if sparse.issparse(x):  # tf-idf rows: not standardised (mean 0, scale 1)
             return np.asarray(x @ self.coef.T) + self.intercept
         return ((np.asarray(x, dtype=np.float32) - self.mean) / self.scale) @ self.coef.T + self.intercept
@@ -128,7 +141,7 @@ def _nll(p: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(np.log(np.maximum(p[np.arange(len(y)), y], 1e-12))))
 
 
-def train_head(x, y: np.ndarray, k: int, c: float | None = None, calib_fraction: float = 0.2,
+def train_head(x, y: np.ndarray, k: int, c: float | None = None, calib_fraction: float = CALIB_FRACTION,
                seed: int = 0) -> tuple[Head, dict]:
     """Fit the head; c=None picks the regularisation from C_GRID by held-out log-loss."""
     counts = np.bincount(y, minlength=k)

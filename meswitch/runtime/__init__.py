@@ -1,7 +1,7 @@
 """The runtime: one resident base model, every expert's compressed delta, mixed-expert batches."""
-from .engine import Completion, QueueFullError, Request, RequestError, SamplingParams
+from .engine import Completion, ContextLengthError, QueueFullError, Request, RequestError, SamplingParams
 from .store import MemoryBudgetError, parse_memory
-from .switch import Switch
+from .switch import SourceError, Switch
 
 __all__ = ["Switch", "Completion", "Request", "RequestError", "QueueFullError", "SamplingParams",
-           "MemoryBudgetError", "parse_memory"]
+           "MemoryBudgetError", "ContextLengthError", "SourceError", "parse_memory"]

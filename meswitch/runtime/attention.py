@@ -23,22 +23,35 @@ ATTN_IMPLEMENTATION = "meswitch_ragged"
 
 class KVCache:
     def __init__(self, n_layers: int, n_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 max_len: int, initial: int = 256):
+                 max_len: int, initial: int = 256, device: torch.device | str = "cpu", on_grow=None):
+        """on_grow(extra_bytes): called before the cache grows (the expert store makes room)."""
         self.n_layers, self.n_slots, self.kv_heads, self.head_dim = n_layers, n_slots, kv_heads, head_dim
-        self.dtype, self.max_len = dtype, max_len
+        self.dtype, self.max_len, self.device = dtype, max_len, torch.device(device)
+        self.on_grow = on_grow
         self.capacity = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self._resize(min(initial, max_len))
 
+    def _bytes_for(self, capacity: int) -> int:
+        return 2 * self.n_layers * self.n_slots * self.kv_heads * capacity * self.head_dim * self.dtype.itemsize
+
     def _resize(self, capacity: int) -> None:
+        """One layer at a time, each old tensor freed as soon as it is copied: the peak is the new
+        cache plus one layer of the old, not both caches."""
+        if self.on_grow is not None and capacity > self.capacity:
+            self.on_grow(self._bytes_for(capacity) - self._bytes_for(self.capacity))
         shape = (self.n_slots, self.kv_heads, capacity, self.head_dim)
-        new_k = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
-        new_v = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
         keep = min(self.capacity, capacity)
-        for old, new in zip(self.k + self.v, new_k + new_v):
-            new[:, :, :keep] = old[:, :, :keep]
-        self.k, self.v, self.capacity = new_k, new_v, capacity
+        for cache in (self.k, self.v):
+            for i in range(self.n_layers):
+                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if i < len(cache):
+                    new[:, :, :keep] = cache[i][:, :, :keep]
+                    cache[i] = new
+                else:
+                    cache.append(new)
+        self.capacity = capacity
 
     def ensure(self, length: int) -> None:
         if length > self.max_len:

@@ -1,38 +1,44 @@
-"""Compute backends for the delta layers: how a stored delta becomes compute-ready, and how
-`x @ delta^T` is computed for the tokens of one expert.
+"""Compute backends: how a stored delta becomes compute-ready, and how `x @ delta^T` is computed
+for all experts of a batch at once.
 
-The delta layers (layers.py) only call a backend's three methods, so a faster CPU kernel or a
-GPU kernel plugs in as another backend without touching the layers (the split vLLM makes
-between its LoRA layers and its punica wrapper):
+The delta layers (layers.py) call a backend and nothing else for their delta products, so a CPU
+kernel, a GPU kernel or the reference path plug in without touching the layers (the split vLLM
+makes between its LoRA layers and its punica wrapper). The protocol:
 
-    prepare(delta, dtype)      -> ReadyDelta     once per expert and tensor, when it turns hot
-    matmul(x, ready)           -> x @ delta^T    x: [tokens, in] of one expert, in the model dtype
-    gather_rows(delta, ids)    -> delta[ids]     float32 rows, for embedding lookups
+    prepare(delta, dtype)        -> ReadyDelta   once per expert and linear layer, when it turns hot
+    ready_nbytes(delta, dtype)   -> int          memory prepare() adds beyond the packed delta
+    expert_table(ready)          -> table        once per hot expert: its ready deltas by layer index
+    plan(segments)               -> plan         once per forward pass: [(table, a, b)] token ranges
+    segmented_matmul(x, y, plan, layer)          y[a:b] += x[a:b] @ delta_e^T for every segment
+    prepare_rows(delta)          -> rows source  once per hot expert, for its embedding delta
+    gather_rows(source, ids)     -> float32 rows of the delta, for embedding lookups
 
-TorchBackend, the one shipped, uses PyTorch's own CPU kernels:
-- bfloat16 models: b-bit codes (b <= 4) become PyTorch's packed int4 layout and run through
-  `aten._weight_int4pack_mm_for_cpu` (weight-only int4 GEMM, per-group scale and zero point).
-  2-bit codes take 4 bits there: compute-ready costs 2x the packed size, still 4x less than a
-  bf16 delta. Salient fp16 columns are a small dense product on the side. For many tokens at
-  once (prefill) the int4 kernel is slower than dequantizing the delta once and using a dense
-  GEMM, so above DENSE_MIN_TOKENS tokens the dense route is taken.
-- Everything else (float32/float16 models, 8-bit codes, group layouts the kernel cannot express,
-  dense fp16 deltas): the delta dequantized to a dense matrix in the model dtype.
+Segments are contiguous token ranges of one expert each (the engine orders tokens by expert),
+the layout of Punica's SGMV and DeltaZip's SBMM: one call per layer covers every expert.
+
+Backends shipped here:
+- `cpu` (CpuKernelBackend): meswitch's own kernel (cpu_kernel.py, kernels/delta_cpu.cpp) reads
+  the stored b-bit codes in place; compute-ready costs 128 bytes per matrix. Segments of
+  DENSE_MIN_TOKENS tokens or more (prompt prefill) are faster as one dequantization plus a GEMM.
+- `reference` (ReferenceBackend): every delta dequantized to a dense matrix in the model dtype
+  and multiplied with PyTorch. Simple and obviously right; it costs a dense copy per expert.
+`auto` picks `cpu` when its kernel builds and loads, and the reference otherwise (with a warning).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..compression.delta import CompressedDelta, DenseDelta, QuantizedDelta
 from ..compression.quantizer import expand_groups
+from . import cpu_kernel
+from .cpu_kernel import PackedDelta
 
-INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the CPU int4 kernel accepts, largest first
-INT4_ROW_BLOCK = 32  # its packed layout tiles output rows by 32
-DENSE_MIN_TOKENS = 128  # from here on, dequantize-then-GEMM beats the int4 kernel (benchmarks/runtime.py)
+DENSE_MIN_TOKENS = 32  # from here on, dequantize-then-GEMM beats the kernel (benchmarks/kernels.py)
 
 
 def _nbytes(*ts: torch.Tensor | None) -> int:
@@ -40,165 +46,80 @@ def _nbytes(*ts: torch.Tensor | None) -> int:
 
 
 @dataclass
-class Int4Ready:
-    """Codes at their original column positions (salient columns hold code 0, the matrix is
-    zero-padded to a multiple of 32 columns) in the int4 kernel's layout. `salient_fix` is each
-    salient value minus what code 0 decodes to there, so that
-        x @ delta^T = int4mm(x) + x[:, salient_idx] @ salient_fix^T."""
-    weight: torch.Tensor  # uint8, aten int4pack layout of codes [out, in_padded]
-    scales_zeros: torch.Tensor  # [in_padded / group, out, 2]: w = (code - 8) * scale + zero
-    group_size: int
-    in_features: int
-    in_padded: int
-    salient_idx: torch.Tensor  # int64 [k]
-    salient_fix: torch.Tensor  # [k, out] float32: oneDNN's bf16 GEMM is 2-3x slower than fp32 at k ~ 15
-    source: QuantizedDelta  # the packed form, kept for the dense (prefill) route
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.weight, self.scales_zeros, self.salient_idx, self.salient_fix)
-
-
-@dataclass
 class DenseReady:
-    weight: torch.Tensor  # [out, in] in the model dtype
+    """A delta as a dense matrix in the model dtype (reference path, and dense 16-bit deltas)."""
+    weight: torch.Tensor  # [out, in]
+    source: CompressedDelta
 
     @property
     def nbytes(self) -> int:
+        if isinstance(self.source, DenseDelta) and self.weight.data_ptr() == self.source.values.data_ptr():
+            return 0  # the stored tensor itself
         return _nbytes(self.weight)
 
 
-ReadyDelta = Int4Ready | DenseReady
+ReadyDelta = PackedDelta | DenseReady
 
 
-def _int4_kernel_available() -> bool:
-    """The CPU int4 kernel exists in this PyTorch build (2.5+ on x86/ARM)."""
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
-        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
-    )
+@runtime_checkable
+class DeltaBackend(Protocol):
+    name: str
+
+    def prepare(self, delta: CompressedDelta, dtype: torch.dtype) -> ReadyDelta: ...
+
+    def ready_nbytes(self, delta: CompressedDelta, dtype: torch.dtype) -> int: ...
+
+    def expert_table(self, ready: Sequence[ReadyDelta | None]) -> object: ...
+
+    def plan(self, segments: Sequence[tuple[object, int, int]]) -> object: ...
+
+    def segmented_matmul(self, x: torch.Tensor, y: torch.Tensor, plan: object, layer: int) -> None: ...
+
+    def prepare_rows(self, delta: CompressedDelta) -> object: ...
+
+    def gather_rows(self, source: object, ids: torch.Tensor) -> torch.Tensor: ...
 
 
-class TorchBackend:
-    name = "torch"
+# ----- the reference backend ---------------------------------------------------------------------
+class ReferenceBackend:
+    """Dequantize each delta once to the model dtype; products with PyTorch, segment by segment."""
+    name = "reference"
 
-    def __init__(self, use_int4: bool | None = None):
-        self.use_int4 = _int4_kernel_available() if use_int4 is None else use_int4
-
-    # ----- preparation ----------------------------------------------------------------------
-    def prepare(self, delta: CompressedDelta, dtype: torch.dtype) -> ReadyDelta:
-        if isinstance(delta, QuantizedDelta) and self._int4_ok(delta, dtype):
-            return self._prepare_int4(delta, dtype)
-        return DenseReady(delta.dequantize().to(dtype))
+    def prepare(self, delta: CompressedDelta, dtype: torch.dtype) -> DenseReady:
+        if isinstance(delta, DenseDelta):
+            return DenseReady(delta.values.to(dtype), delta)
+        return DenseReady(delta.dequantize().to(dtype), delta)
 
     def ready_nbytes(self, delta: CompressedDelta, dtype: torch.dtype) -> int:
-        """What prepare() will allocate, without doing it (an upper bound for 1-D deltas)."""
         if len(delta.shape) != 2:
-            return delta.shape[0] * dtype.itemsize
-        out, cols = delta.shape
-        if isinstance(delta, QuantizedDelta) and self._int4_ok(delta, dtype):
-            padded, group = _int4_geometry(delta)
-            k = delta.salient_idx.numel()
-            return out * padded // 2 + (padded // group) * out * 2 * dtype.itemsize + k * (8 + out * 4)
-        return out * cols * dtype.itemsize
+            return 0
+        if isinstance(delta, DenseDelta) and delta.values.dtype == dtype:
+            return 0
+        return delta.shape[0] * delta.shape[1] * dtype.itemsize
 
-    def _int4_ok(self, d: QuantizedDelta, dtype: torch.dtype) -> bool:
-        if not self.use_int4 or dtype != torch.bfloat16 or d.bits > 4:
-            return False
-        if d.shape[0] % INT4_ROW_BLOCK:
-            return False
-        if d.params.scale.shape[1] == 1:
-            return True
-        # Per-group step sizes map onto the kernel's groups when they cover whole blocks of the
-        # original columns: no salient columns taken out, a group size the kernel supports.
-        cols = d.shape[1]
-        return (d.salient_idx.numel() == 0 and d.params.group_size in INT4_GROUP_SIZES
-                and cols % d.params.group_size == 0)
+    def expert_table(self, ready: Sequence[ReadyDelta | None]) -> list:
+        return list(ready)
 
-    def _prepare_int4(self, d: QuantizedDelta, dtype: torch.dtype) -> Int4Ready:
-        out, cols = d.shape
-        padded, group = _int4_geometry(d)
-        scale = d.params.scale.float().expand(out, -1)
-        offset = d.params.offset.float().expand(out, -1)
-        if scale.shape[1] == 1:
-            scale, offset = scale.expand(out, padded // group), offset.expand(out, padded // group)
-        # The kernel decodes (kcode - 8) * scale + zero; ours is code * scale + offset. Codes are
-        # stored shifted, kcode = code + 8 - c with c = 2**(bits-1), so that zero = offset + c * scale
-        # is near 0 for a centred delta and its bf16 rounding error stays small: that error is the
-        # same for every column of a row, so it adds up coherently over the whole input.
-        c = 1 << (d.bits - 1)
-        scales_zeros = torch.stack([scale, offset + c * scale], dim=-1).transpose(0, 1).contiguous().to(dtype)
-        weight = int4_layout(d, padded, shift=8 - c)
-        sal = d.salient_idx.long()
-        if sal.numel():
-            # What code 0 decodes to in the kernel's own (rounded) arithmetic, per row.
-            sz = scales_zeros.float()
-            zero_value = (-8 * sz[0, :, 0] + sz[0, :, 1]).unsqueeze(1)
-            fix = (d.salient_values.float() - zero_value).t().contiguous()
-        else:
-            fix = torch.zeros(0, out)
-        return Int4Ready(weight, scales_zeros, group, cols, padded, sal, fix, d)
+    def plan(self, segments: Sequence[tuple[object, int, int]]) -> list:
+        return list(segments)
 
-    # ----- compute -----------------------------------------------------------------------------
-    def matmul(self, x: torch.Tensor, ready: ReadyDelta) -> torch.Tensor:
-        """x @ delta^T for x [tokens, in]."""
-        if isinstance(ready, DenseReady):
-            return F.linear(x, ready.weight)
-        if x.shape[0] >= DENSE_MIN_TOKENS:
-            return F.linear(x, ready.source.dequantize().to(x.dtype))
-        xp = x if ready.in_padded == ready.in_features else F.pad(x, (0, ready.in_padded - ready.in_features))
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xp.contiguous(), ready.weight, ready.group_size, ready.scales_zeros)
-        if ready.salient_idx.numel():
-            y.add_(torch.mm(x.index_select(-1, ready.salient_idx).float(), ready.salient_fix))
-        return y
+    def segmented_matmul(self, x: torch.Tensor, y: torch.Tensor, plan: list, layer: int) -> None:
+        for table, a, b in plan:
+            r = table[layer]
+            if r is not None:
+                y[a:b].add_(F.linear(x[a:b], r.weight))
 
-    def gather_rows(self, delta: CompressedDelta, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of the dequantized delta, float32 [len(ids), in], without dequantizing the rest."""
-        if isinstance(delta, DenseDelta):
-            return delta.values.index_select(0, ids).float()
-        return dequantize_rows(delta, ids)
+    def prepare_rows(self, delta: CompressedDelta) -> CompressedDelta:
+        return delta
 
-
-def _int4_geometry(d: QuantizedDelta) -> tuple[int, int]:
-    """(columns of the int4 matrix, kernel group size)."""
-    padded = -(-d.shape[1] // INT4_ROW_BLOCK) * INT4_ROW_BLOCK
-    if d.params.scale.shape[1] > 1:
-        return padded, d.params.group_size
-    return padded, next(g for g in INT4_GROUP_SIZES if padded % g == 0)
-
-
-def int4_layout(d: QuantizedDelta, padded: int, shift: int = 0) -> torch.Tensor:
-    """The codes of `d` (+ shift) at their original columns (0 in salient and padding columns) in the
-    packed layout of aten._weight_int4pack_mm_for_cpu. For row counts divisible by 64 the layout
-    is built with numpy (rows 64b+j and 64b+32+j share a byte per column, blocks stored
-    column-major), several times faster than aten._convert_weight_to_int4pack_for_cpu on int32
-    codes; the tests check that both agree. Other row counts use the aten conversion."""
-    out, cols = d.shape
-    compact = d.codes().numpy()
-    if shift:
-        compact = compact + np.uint8(shift)
-    parts, prev = [], 0
-    # Salient columns go back in as zero columns: slices and one concatenate (fast in numpy).
-    for j, pos in enumerate(d.salient_idx.tolist()):
-        parts += [compact[:, prev: pos - j], np.zeros((out, 1), dtype=np.uint8)]
-        prev = pos - j
-    parts.append(compact[:, prev:])
-    if padded > cols:
-        parts.append(np.zeros((out, padded - cols), dtype=np.uint8))
-    codes = np.concatenate(parts, axis=1) if len(parts) > 1 else compact
-    if out % 64:
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes).to(torch.int32), 1)
-    return torch.from_numpy(int4_layout_from_codes(codes))
-
-
-def int4_layout_from_codes(codes: np.ndarray) -> np.ndarray:
-    """uint8 codes [out, cols] (< 16, out % 64 == 0, cols even) -> uint8 [out, cols / 2] int4pack layout."""
-    out, cols = codes.shape
-    c = codes.reshape(out // 64, 2, 32, cols)
-    b = c[:, 0] | (c[:, 1] << 4)  # [blocks, 32, cols]
-    return np.ascontiguousarray(b.transpose(0, 2, 1)).reshape(out, cols // 2)
+    def gather_rows(self, source: CompressedDelta, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(source, DenseDelta):
+            return source.values.index_select(0, ids).float()
+        return dequantize_rows(source, ids)
 
 
 def dequantize_rows(d: QuantizedDelta, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the dequantized delta, float32 [len(ids), in], without dequantizing the rest."""
     from ..compression.packing import unpack_codes
 
     cols = d.shape[1]
@@ -217,9 +138,86 @@ def dequantize_rows(d: QuantizedDelta, ids: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def get_backend(name: str = "torch") -> TorchBackend:
-    if name == "torch":
-        return TorchBackend()
-    if name == "torch-dense":
-        return TorchBackend(use_int4=False)
-    raise ValueError(f"unknown delta backend {name!r} (available: torch, torch-dense)")
+# ----- the CPU kernel backend ---------------------------------------------------------------------
+@dataclass
+class CpuExpertTable:
+    addresses: torch.Tensor  # int64 [layers]: descriptor address of the layer's packed delta, 0 if none
+    ready: list[ReadyDelta | None]
+    has_dense: bool  # some layer holds a DenseReady (16-bit delta), computed outside the kernel
+
+
+@dataclass
+class CpuPlan:
+    table: torch.Tensor | None  # int64 [segments, layers]
+    bounds: torch.Tensor | None  # int64 [segments, 2]
+    python_segments: list[tuple[CpuExpertTable, int, int]]  # long segments, and experts with dense deltas
+
+
+class CpuKernelBackend:
+    """Products straight from the stored codes (kernels/delta_cpu.cpp), all segments in one call."""
+    name = "cpu"
+
+    def __init__(self, dense_min_tokens: int = DENSE_MIN_TOKENS):
+        cpu_kernel.load()  # raises KernelUnavailable
+        self.dense_min_tokens = dense_min_tokens
+
+    def prepare(self, delta: CompressedDelta, dtype: torch.dtype) -> ReadyDelta:
+        if isinstance(delta, QuantizedDelta):
+            return cpu_kernel.pack(delta)
+        return DenseReady(delta.values.to(dtype), delta)
+
+    def ready_nbytes(self, delta: CompressedDelta, dtype: torch.dtype) -> int:
+        if len(delta.shape) != 2:
+            return 0
+        if isinstance(delta, QuantizedDelta):
+            return cpu_kernel.DESC_FIELDS * 8
+        return 0 if delta.values.dtype == dtype else delta.shape[0] * delta.shape[1] * dtype.itemsize
+
+    def expert_table(self, ready: Sequence[ReadyDelta | None]) -> CpuExpertTable:
+        addresses = torch.tensor([r.desc.data_ptr() if isinstance(r, PackedDelta) else 0 for r in ready],
+                                 dtype=torch.int64)
+        return CpuExpertTable(addresses, list(ready), any(isinstance(r, DenseReady) for r in ready))
+
+    def plan(self, segments: Sequence[tuple[CpuExpertTable, int, int]]) -> CpuPlan:
+        if not segments:
+            return CpuPlan(None, None, [])
+        table = torch.stack([t.addresses for t, _, _ in segments])
+        bounds = torch.tensor([[a, b] for _, a, b in segments], dtype=torch.int64)
+        python = [(t, a, b) for t, a, b in segments if t.has_dense or b - a >= self.dense_min_tokens]
+        return CpuPlan(table, bounds, python)
+
+    def segmented_matmul(self, x: torch.Tensor, y: torch.Tensor, plan: CpuPlan, layer: int) -> None:
+        if plan.table is None:
+            return
+        torch.ops.meswitch.segmented_delta_mm(x, y, plan.table, plan.bounds, layer, self.dense_min_tokens)
+        for table, a, b in plan.python_segments:
+            r = table.ready[layer]
+            if isinstance(r, DenseReady):
+                y[a:b].add_(F.linear(x[a:b], r.weight))
+            elif r is not None and b - a >= self.dense_min_tokens:
+                y[a:b].add_(F.linear(x[a:b], cpu_kernel.dequantize(r, x.dtype)))
+
+    def prepare_rows(self, delta: CompressedDelta) -> PackedDelta | DenseDelta:
+        return cpu_kernel.pack(delta) if isinstance(delta, QuantizedDelta) else delta
+
+    def gather_rows(self, source: PackedDelta | DenseDelta, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(source, DenseDelta):
+            return source.values.index_select(0, ids).float()
+        return cpu_kernel.dequantize(source, torch.float32, ids)
+
+
+BACKENDS = ("auto", "cpu", "reference")
+
+
+def get_backend(name: str = "auto") -> DeltaBackend:
+    if name == "auto":
+        try:
+            return CpuKernelBackend()
+        except cpu_kernel.KernelUnavailable as e:
+            warnings.warn(f"{e}; using the reference backend (dense deltas, more memory)", stacklevel=2)
+            return ReferenceBackend()
+    if name == "cpu":
+        return CpuKernelBackend()
+    if name == "reference":
+        return ReferenceBackend()
+    raise ValueError(f"unknown delta backend {name!r} (available: {', '.join(BACKENDS)})")

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import sys
 
+from ..hardware import DTYPE_CHOICES
+from .backend import BACKENDS
+
 
 def add_parser(sub) -> None:
     g = sub.add_parser("generate", help="generate text with one expert of a bundle (or the base)")
@@ -16,7 +19,11 @@ def add_parser(sub) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--dtype", default="bfloat16", help="model dtype: bfloat16 (fast), float32 (exact) or float16")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="compute dtype: auto (default: bfloat16 where the CPU has native bf16, else float32), "
+                        "float32 (exact), bfloat16 or float16")
+    g.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="delta compute backend: cpu, reference or auto (cpu when its kernel builds)")
     g.add_argument("--base", default=None, help="base checkpoint (default: the path recorded in the bundle)")
     g.add_argument("--max-memory", default=None, help="memory budget for expert deltas, e.g. 2GiB")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -34,7 +41,7 @@ def cmd_generate(args) -> int:
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                     stop=tuple(args.stop or ()), seed=args.seed)
     with Switch.load(args.bundle, args.base, dtype=args.dtype, max_memory=args.max_memory,
-                     threads=args.threads) as sw:
+                     threads=args.threads, backend=args.backend) as sw:
         if args.stream:
             def show(req, delta, done):
                 sys.stdout.write(delta)

@@ -16,6 +16,7 @@ Requests join and leave at these token boundaries; experts mix freely inside a b
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import random
 import threading
@@ -26,18 +27,32 @@ from typing import Callable
 
 import torch
 
-from ..bundle.format import BundleError
+from ..bundle.format import UnknownExpertError
 from .attention import KVCache, RaggedBatch
 from .layers import DeltaContext, HotExpert
-from .store import ExpertStore, MemoryBudgetError
+from .store import ExpertStore
+
+
+log = logging.getLogger("meswitch.engine")
+
+
+MIN_TEMPERATURE = 1e-5  # smaller temperatures sample greedily (_sample)
 
 
 class RequestError(ValueError):
     """A request that cannot be served as given (bad parameters, prompt too long, unknown expert)."""
 
 
+class ContextLengthError(RequestError):
+    """The prompt leaves no room in the context for a generated token."""
+
+
 class QueueFullError(RuntimeError):
     """The engine's waiting queue is full; try again later."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is stopped (the Switch was closed)."""
 
 
 @dataclass
@@ -63,8 +78,9 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if len(self.stop) > 16 or not all(isinstance(s, str) and s for s in self.stop):
             raise RequestError("stop must be up to 16 non-empty strings")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise RequestError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -2**63 <= self.seed < 2**63):
+            raise RequestError(f"seed must be a 64-bit integer, got {self.seed!r}")
 
 
 @dataclass
@@ -77,6 +93,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    exception: BaseException | None = field(default=None, repr=False)  # what failed, when finish_reason is "error"
 
 
 _ids = itertools.count(1)
@@ -152,17 +169,17 @@ class Engine:
         if not req.prompt_ids:
             raise RequestError("the prompt is empty")
         if len(req.prompt_ids) >= self.max_model_len:
-            raise RequestError(
+            raise ContextLengthError(
                 f"the prompt has {len(req.prompt_ids)} tokens; the context length is {self.max_model_len} "
                 "(prompt plus at least one generated token must fit)"
             )
         if req.expert is not None and req.expert not in self.store.bundle.experts:
-            raise RequestError(f"unknown expert {req.expert!r} (experts: {', '.join(self.store.names) or 'none'})")
+            raise UnknownExpertError(f"unknown expert {req.expert!r} (experts: {', '.join(self.store.names) or 'none'})")
         seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
         req.generator = torch.Generator().manual_seed(seed)
         with self._cond:
             if self._stop:
-                raise RuntimeError("the engine is stopped")
+                raise EngineStoppedError("the engine is stopped")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.max_queue} waiting)")
             self._waiting.append(req)
@@ -185,16 +202,30 @@ class Engine:
             self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop stepping and cancel every request. The engine thread owns the request lists while
+        it runs: they are changed here only once it has ended (it ends at the next step boundary)."""
         with self._cond:
             self._stop = True
-            self._cond.notify()
+            self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=30)
-        for req in list(self._waiting) + list(self._running):
+            self._thread.join(timeout)
+            if self._thread.is_alive():  # a step still running (a long prefill): it cancels on exit
+                log.warning("engine step still running after %.0f s; its requests are cancelled when it ends", timeout)
+                return
+        self._cancel_all()
+
+    def _cancel_all(self) -> None:
+        with self._cond:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for req in waiting + list(self._running):
             self._finish(req, "cancelled")
-        self._waiting.clear()
-        self._running.clear()
+
+    def wake(self) -> None:
+        """Step again now (an expert finished loading)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def _loop(self) -> None:
         while True:
@@ -202,21 +233,27 @@ class Engine:
                 while not self._stop and not self._waiting and not self._running:
                     self._cond.wait()
                 if self._stop:
-                    return
+                    break
             try:
-                self.step()
+                worked = self.step()
             except Exception as e:  # a bug or an OOM in a forward pass: fail the batch, keep serving
+                log.exception("engine step failed; failing its %d running requests", len(self._running))
                 for req in list(self._running):
-                    self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+                    self._finish(req, "error", error=e)
+                worked = True
+            if not worked:  # every waiting request waits for an expert to load, or for room
+                with self._cond:
+                    if not self._stop:
+                        self._cond.wait(0.05)  # wake() ends it early when a load finishes
+        self._cancel_all()
 
     # ----- one step ---------------------------------------------------------------------------
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One iteration; False when there was nothing to compute (all requests wait)."""
         self._drop_cancelled()
         self._admit()
         if not self._running:
-            if self._waiting:
-                time.sleep(0.005)  # waiting on memory held by nobody running: prefetch in flight
-            return
+            return False
         # Decoding requests first (one token each), then prompt chunks in arrival order within
         # the step's token budget.
         decoding = [r for r in self._running if r.cursor == len(r.prompt_ids)]
@@ -228,7 +265,25 @@ class Engine:
             chunk = req.prompt_ids[req.cursor: req.cursor + budget]
             budget -= len(chunk)
             work.append((req, chunk, req.cursor, req.cursor + len(chunk) == len(req.prompt_ids)))
-        # Tokens of one expert must be contiguous: order by expert (base first), then arrival.
+        logits = self.forward(work)
+        row = 0
+        for req, toks, past, sample in work:
+            if req.cursor < len(req.prompt_ids):
+                req.cursor += len(toks)
+                self.stats["prompt_tokens"] += len(toks)
+            if sample:
+                self._accept(req, self._sample(req, logits[row]))
+                row += 1
+        return True
+
+    def forward(self, work: list[tuple[Request, list[int], int, bool]], all_positions: bool = False) -> torch.Tensor:
+        """One forward pass of the base with delta layers over a ragged batch.
+
+        work: (request, new token ids, tokens already cached, sample?) per running request; it is
+        sorted in place so that each expert's tokens are contiguous (base first, then by expert,
+        then arrival). Returns the logits of the last token of every `sample` entry, in that
+        order, or with all_positions those of every token (tests compare them with reference
+        models). Each request's keys and values go to its KV-cache slot."""
         work.sort(key=lambda w: ("" if w[0].expert is None else "~" + w[0].expert, w[0].id))
         ids = []
         segments, head_segments, keep = [], [], []
@@ -237,14 +292,18 @@ class Engine:
             ids.extend(toks)
             if req.hot is not None:
                 self._extend(segments, req.hot, pos, pos + len(toks))
-            if sample:
+            if all_positions:
+                if req.hot is not None:
+                    self._extend(head_segments, req.hot, pos, pos + len(toks))
+                keep.extend(range(pos, pos + len(toks)))
+            elif sample:
                 if req.hot is not None:
                     self._extend(head_segments, req.hot, len(keep), len(keep) + 1)
                 keep.append(pos + len(toks) - 1)
             pos += len(toks)
         batch = RaggedBatch.build(self.cache, [(req.slot, past, len(toks)) for req, toks, past, _ in work])
         t0 = time.perf_counter()
-        self.ctx.set(segments, len(ids), head_segments)
+        self.ctx.set(segments, len(ids), head_segments, max(1, len(keep)))
         try:
             with torch.inference_mode():
                 logits = self.model(
@@ -258,14 +317,7 @@ class Engine:
             self.ctx.clear()
         self.stats["forward_seconds"] += time.perf_counter() - t0
         self.stats["steps"] += 1
-        row = 0
-        for req, toks, past, sample in work:
-            if req.cursor < len(req.prompt_ids):
-                req.cursor += len(toks)
-                self.stats["prompt_tokens"] += len(toks)
-            if sample:
-                self._accept(req, self._sample(req, logits[row]))
-                row += 1
+        return logits
 
     @staticmethod
     def _extend(segments: list, hot: HotExpert, a: int, b: int) -> None:
@@ -283,8 +335,12 @@ class Engine:
             self._finish(r, "cancelled")
 
     def _admit(self) -> None:
+        """Admit waiting requests in arrival order while slots are free. A request whose expert
+        is loading (or waits for room) waits without blocking requests for other experts; one
+        whose expert cannot be loaded fails alone, with the error of its load."""
         with self._cond:
             candidates = list(self._waiting)
+        wanted = {r.expert for r in candidates if r.expert is not None}
         blocked: set[str | None] = set()
         for req in candidates:
             if not self._free_slots:
@@ -294,11 +350,11 @@ class Engine:
             hot = None
             if req.expert is not None:
                 try:
-                    hot = self.store.try_acquire(req.expert)
-                except (BundleError, MemoryBudgetError) as e:
+                    hot = self.store.acquire(req.expert, since=req.arrived, protect=wanted)
+                except Exception as e:  # unknown, too large for the budget, unreadable: this request only
                     with self._cond:
                         self._waiting.remove(req)
-                    self._finish(req, "error", error=str(e))
+                    self._finish(req, "error", error=e)
                     continue
                 if hot is None:
                     blocked.add(req.expert)
@@ -314,9 +370,11 @@ class Engine:
         vocab = req.hot.vocab_size if req.hot is not None and req.hot.vocab_size else self.base_vocab
         logits = logits[:vocab].float()
         p = req.params
-        if p.temperature == 0:
+        # Below MIN_TEMPERATURE the float32 distribution is one-hot anyway, and 1/T overflows
+        # (T = 5e-324 is 0 in float32): greedy.
+        if p.temperature < MIN_TEMPERATURE:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits / p.temperature, dim=-1)
+        probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             cum = torch.cumsum(sorted_p, dim=-1)
@@ -364,7 +422,7 @@ class Engine:
             if req.on_update is not None:
                 req.on_update(req, delta, None)
 
-    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+    def _finish(self, req: Request, reason: str, error: BaseException | str | None = None) -> None:
         if req.done:
             return
         if req in self._running:
@@ -374,11 +432,13 @@ class Engine:
             self._free_slots.sort()
             req.slot = -1
         if req.hot is not None:
-            self.store.release(req.expert)
+            self.store.release(req.hot)
             req.hot = None
         text = req.text if reason != "error" else ""
+        exc = error if isinstance(error, BaseException) else None
+        message = None if error is None else str(error) if exc is None or str(exc) else type(exc).__name__
         req.result = Completion(req.id, req.expert, text, list(req.output_ids), reason, len(req.prompt_ids),
-                                len(req.output_ids), error)
+                                len(req.output_ids), message, exception=exc)
         key = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_finished")
         self.stats[key] += 1
         req._done.set()

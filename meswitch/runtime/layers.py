@@ -7,10 +7,16 @@ which token range belongs to which expert. Each wrapped module then computes
     y = base_module(x)                   once, for all tokens (the plain base)
     y[a:b] += expert's delta term        for every expert segment [a, b)
 
-Tokens of the plain base are in no segment. Linear layers add x @ delta^T through a compute
-backend (backend.py); RMSNorms and biases use the expert's exact weights; the embedding adds the
-expert's delta rows of the looked-up tokens. All of this mirrors what `materialize` computes,
-so a request gets what the materialized expert would give it (up to float rounding).
+Tokens of the plain base are in no segment. Linear layers add x @ delta^T for all segments in
+one call to the compute backend (backend.py); RMSNorms and biases use the expert's exact weights;
+the embedding adds the expert's delta rows of the looked-up tokens. All of this mirrors what
+`materialize` computes, so a request gets what the materialized expert would give it (up to
+float rounding).
+
+Which rows a module sees is stated, not guessed: every module works on the token axis (its input
+is [1, tokens, ...], e.g. [1, tokens, heads, head_dim] for Qwen3's q/k norms), except the LM
+head, which sees only the positions whose logits are kept; the engine gives their segments
+separately (`head_segments`, one row per sampled request), as vLLM passes sampler indices.
 
 Assumptions: a Llama-family model from transformers (Llama, Mistral, Qwen2, Qwen3): linear
 layers are nn.Linear, norms are *RMSNorm with `weight` and `variance_epsilon`, the input embedding
@@ -25,65 +31,76 @@ import torch
 from torch import nn
 
 from ..compression.delta import CompressedDelta, apply_delta
-from .backend import ReadyDelta, TorchBackend
+from .backend import DeltaBackend, ReadyDelta
 
 
-class RuntimeError_(RuntimeError):
-    pass
+class DeltaLayerError(ValueError):
+    """A delta that does not fit the base model's layers, or a forward pass the layers cannot map
+    onto the engine's token segments."""
 
 
 @dataclass
 class HotExpert:
     """An expert in compute-ready form: everything the delta layers read for its tokens."""
     name: str
-    linear: dict[str, ReadyDelta] = field(default_factory=dict)  # module path -> x @ delta^T operand
+    linear: list[ReadyDelta | None]  # by linear layer index (DeltaLinear.index)
+    table: object = None  # the backend's index of `linear` (backend.expert_table)
     bias_fix: dict[str, torch.Tensor] = field(default_factory=dict)  # module path -> expert bias - base bias
     norm: dict[str, torch.Tensor] = field(default_factory=dict)  # module path -> the expert's norm weight
-    embed: CompressedDelta | None = None  # the embedding's delta (rows dequantized on lookup)
+    embed: object | None = None  # the embedding delta as the backend reads rows of it (prepare_rows)
     embed_extra: torch.Tensor | None = None  # embedding rows of tokens the expert added
     head_extra: torch.Tensor | None = None  # LM-head rows of tokens the expert added
     vocab_size: int = 0
 
     @property
     def nbytes(self) -> int:
-        n = sum(r.nbytes for r in self.linear.values())
+        """Memory beyond the expert's packed deltas (which the store counts on their own)."""
+        n = sum(r.nbytes for r in self.linear if r is not None)
         n += sum(t.numel() * t.element_size() for t in (*self.bias_fix.values(), *self.norm.values()))
-        for t in (self.embed_extra, self.head_extra):
-            if t is not None:
-                n += t.numel() * t.element_size()
-        # The embedding's packed delta is shared with the packed tier when the LM head is tied
-        # (it is the same object); counted there.
+        for t in {id(t): t for t in (self.embed_extra, self.head_extra) if t is not None}.values():  # tied: one
+            n += t.numel() * t.element_size()
         return n
 
 
+Segments = list[tuple[HotExpert, int, int]]
+
+
 class DeltaContext(threading.local):
-    """Token ranges of the current forward pass, per expert. Owned by one engine; set each step.
-    Thread-local: a forward pass in another thread (the router reading base hidden states while
-    the engine runs) sees no segments, i.e. runs the plain base model."""
+    """Token ranges of the current forward pass, per expert, and the backend's plan for them.
+    Owned by one engine; set each step. Thread-local: a forward pass in another thread (the router
+    reading base hidden states while the engine runs) sees no segments, i.e. runs the plain base."""
 
-    def __init__(self) -> None:
-        self.segments: list[tuple[HotExpert, int, int]] = []
-        self.n_tokens = 0
-        self.head_segments: list[tuple[HotExpert, int, int]] = []
+    def __init__(self, backend: DeltaBackend) -> None:
+        self.backend = backend
+        self.clear()
 
-    def set(self, segments, n_tokens: int, head_segments) -> None:
-        self.segments, self.n_tokens, self.head_segments = segments, n_tokens, head_segments
+    def set(self, segments: Segments, n_tokens: int, head_segments: Segments, n_head_rows: int) -> None:
+        """segments: (expert, a, b) over the n_tokens of the pass; head_segments: over the
+        n_head_rows positions whose logits are computed."""
+        self.segments, self.n_tokens = segments, n_tokens
+        self.head_segments, self.n_head_rows = head_segments, n_head_rows
+        self.plan = self.backend.plan([(h.table, a, b) for h, a, b in segments]) if segments else None
+        self.head_plan = self.backend.plan([(h.table, a, b) for h, a, b in head_segments]) if head_segments else None
 
     def clear(self) -> None:
-        self.set([], 0, [])
+        self.segments, self.n_tokens, self.plan = [], 0, None
+        self.head_segments, self.n_head_rows, self.head_plan = [], 0, None
 
-    def for_rows(self, n: int):
-        """Segments for an input of n rows: all tokens, or (LM head) only the kept positions."""
-        return self.segments if n == self.n_tokens else self.head_segments
+
+def _token_rows(x: torch.Tensor, n_tokens: int, what: str) -> torch.Tensor:
+    """x viewed as [n_tokens, -1, features]: the engine's token axis first."""
+    if x.numel() % (n_tokens * x.shape[-1]):
+        raise DeltaLayerError(f"{what}: input of shape {tuple(x.shape)} does not have the pass's {n_tokens} tokens")
+    return x.reshape(n_tokens, -1, x.shape[-1])
 
 
 class DeltaLinear(nn.Module):
-    def __init__(self, base: nn.Linear, path: str, ctx: DeltaContext, backend: TorchBackend, is_head: bool = False):
+    def __init__(self, base: nn.Linear, path: str, index: int, ctx: DeltaContext, is_head: bool = False):
         super().__init__()
         self.base = base
         self.path = path
+        self.index = index  # position in HotExpert.linear
         self.ctx = ctx
-        self.backend = backend
         self.is_head = is_head
 
     @property
@@ -96,16 +113,18 @@ class DeltaLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        segs = self.ctx.for_rows(x[..., 0].numel())
+        ctx = self.ctx
+        segs, plan, rows = ((ctx.head_segments, ctx.head_plan, ctx.n_head_rows) if self.is_head
+                            else (ctx.segments, ctx.plan, ctx.n_tokens))
         if not segs:
             return y
         x2 = x.reshape(-1, x.shape[-1])
         y2 = y.view(-1, y.shape[-1])
+        if x2.shape[0] != rows:
+            raise DeltaLayerError(f"{self.path}: {x2.shape[0]} input rows, the pass has {rows}")
+        ctx.backend.segmented_matmul(x2.contiguous(), y2, plan, self.index)
         extra = 0
         for exp, a, b in segs:
-            ready = exp.linear.get(self.path)
-            if ready is not None:
-                y2[a:b] += self.backend.matmul(x2[a:b], ready)
             fix = exp.bias_fix.get(self.path)
             if fix is not None:
                 y2[a:b] += fix
@@ -113,7 +132,7 @@ class DeltaLinear(nn.Module):
                 extra = max(extra, exp.head_extra.shape[0])
         if self.is_head and extra:
             # Experts that added tokens get logits for them; everyone else gets -inf there.
-            wide = torch.full((y2.shape[0], y2.shape[1] + extra), float("-inf"), dtype=y2.dtype)
+            wide = torch.full((y2.shape[0], y2.shape[1] + extra), float("-inf"), dtype=y2.dtype, device=y2.device)
             wide[:, : y2.shape[1]] = y2
             for exp, a, b in segs:
                 if exp.head_extra is not None:
@@ -135,14 +154,14 @@ class DeltaRMSNorm(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        segs = self.ctx.for_rows(x[..., 0].numel())
+        segs = self.ctx.segments
         if not any(self.path in exp.norm for exp, _, _ in segs):
             return self.base(x)
         # The Llama-family RMSNorm, written out so the normalized input is shared by all experts.
         h = x.to(torch.float32)
         h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.base.variance_epsilon)).to(x.dtype)
         y = self.base.weight * h
-        h2, y2 = h.reshape(-1, h.shape[-1]), y.view(-1, y.shape[-1])
+        h2, y2 = _token_rows(h, self.ctx.n_tokens, self.path), _token_rows(y, self.ctx.n_tokens, self.path)
         for exp, a, b in segs:
             w = exp.norm.get(self.path)
             if w is not None:
@@ -151,12 +170,11 @@ class DeltaRMSNorm(nn.Module):
 
 
 class DeltaEmbedding(nn.Module):
-    def __init__(self, base: nn.Embedding, path: str, ctx: DeltaContext, backend: TorchBackend):
+    def __init__(self, base: nn.Embedding, path: str, ctx: DeltaContext):
         super().__init__()
         self.base = base
         self.path = path
         self.ctx = ctx
-        self.backend = backend
 
     @property
     def weight(self):
@@ -164,23 +182,29 @@ class DeltaEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         vocab = self.base.weight.shape[0]
-        segs = self.ctx.for_rows(ids.numel())
+        segs = self.ctx.segments
         flat = ids.reshape(-1)
+        if segs and flat.numel() != self.ctx.n_tokens:
+            raise DeltaLayerError(f"{self.path}: {flat.numel()} token ids, the pass has {self.ctx.n_tokens}")
         added = flat >= vocab
-        y = self.base(flat.clamp(max=vocab - 1) if bool(added.any()) else flat)
+        any_added = bool(added.any())
+        y = self.base(flat.clamp(max=vocab - 1) if any_added else flat)
+        backend = self.ctx.backend
         for exp, a, b in segs:
             seg_ids = flat[a:b]
-            in_base = ~added[a:b]
-            if exp.embed is not None and bool(in_base.any()):
-                rows = in_base.nonzero().squeeze(1)
-                tok = seg_ids.index_select(0, rows)
+            if exp.embed is not None:
+                rows = (~added[a:b]).nonzero().squeeze(1) if any_added else None
+                tok = seg_ids if rows is None else seg_ids.index_select(0, rows)
                 # Exactly what materialize does for these rows: (W + delta) in fp32, then cast.
-                y[a + rows] = (self.base.weight.index_select(0, tok).float()
-                               + self.backend.gather_rows(exp.embed, tok)).to(y.dtype)
-            if exp.embed_extra is not None and bool(added[a:b].any()):
+                new = (self.base.weight.index_select(0, tok).float() + backend.gather_rows(exp.embed, tok)).to(y.dtype)
+                if rows is None:
+                    y[a:b] = new
+                else:
+                    y[a + rows] = new
+            if exp.embed_extra is not None and any_added and bool(added[a:b].any()):
                 rows = added[a:b].nonzero().squeeze(1)
                 y[a + rows] = exp.embed_extra.index_select(0, seg_ids.index_select(0, rows) - vocab)
-        if bool(added.any()):
+        if any_added:
             ok = torch.zeros_like(added)
             for exp, a, b in segs:
                 if exp.embed_extra is not None:
@@ -195,21 +219,23 @@ def _is_rmsnorm(m: nn.Module) -> bool:
     return type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and hasattr(m, "weight")
 
 
-def install_delta_layers(model: nn.Module, ctx: DeltaContext, backend: TorchBackend) -> dict[str, nn.Module]:
+def install_delta_layers(model: nn.Module, ctx: DeltaContext) -> dict[str, nn.Module]:
     """Replace every Linear, RMSNorm and the input embedding of `model` by its delta layer, in place.
     Returns the wrapped modules by path (the paths the bundle's tensor names start with)."""
     wrapped: dict[str, nn.Module] = {}
     head_path = _head_path(model)
     embed = model.get_input_embeddings()
+    n_linear = 0
     for path, module in list(model.named_modules()):
         if not path:
             continue
         if isinstance(module, nn.Linear):
-            new = DeltaLinear(module, path, ctx, backend, is_head=(path == head_path))
+            new = DeltaLinear(module, path, n_linear, ctx, is_head=(path == head_path))
+            n_linear += 1
         elif _is_rmsnorm(module):
             new = DeltaRMSNorm(module, path, ctx)
         elif module is embed:
-            new = DeltaEmbedding(module, path, ctx, backend)
+            new = DeltaEmbedding(module, path, ctx)
         else:
             continue
         parent_path, _, attr = path.rpartition(".")
@@ -224,30 +250,31 @@ def _head_path(model: nn.Module) -> str:
     for path, module in model.named_modules():
         if module is head:
             return path
-    raise RuntimeError_("the model has no output embedding (LM head)")
+    raise DeltaLayerError("the model has no output embedding (LM head)")
 
 
 def build_hot_expert(name: str, deltas: dict[str, CompressedDelta], wrapped: dict[str, nn.Module],
-                     backend: TorchBackend, dtype: torch.dtype, tied: bool) -> HotExpert:
+                     backend: DeltaBackend, dtype: torch.dtype, tied: bool) -> HotExpert:
     """Turn an expert's packed deltas into the compute-ready form the delta layers read."""
-    hot = HotExpert(name)
-    head_path = next((p for p, m in wrapped.items() if isinstance(m, DeltaLinear) and m.is_head), None)
+    linears = {p: m for p, m in wrapped.items() if isinstance(m, DeltaLinear)}
+    hot = HotExpert(name, [None] * len(linears))
+    head = next((m for m in linears.values() if m.is_head), None)
     embed_path = next((p for p, m in wrapped.items() if isinstance(m, DeltaEmbedding)), None)
     for tname, delta in deltas.items():
         path, _, pname = tname.rpartition(".")
         module = wrapped.get(path)
         if module is None:
-            raise RuntimeError_(f"expert {name!r}: tensor {tname} belongs to no layer of the base model")
+            raise DeltaLayerError(f"expert {name!r}: tensor {tname} belongs to no layer of the base model")
         if isinstance(module, DeltaEmbedding):
-            hot.embed = delta
+            hot.embed = backend.prepare_rows(_without_extra(delta))
             if delta.extra_rows is not None:
                 hot.embed_extra = delta.extra_rows.to(dtype)
-            if tied and head_path is not None:
-                hot.linear[head_path] = backend.prepare(_without_extra(delta), dtype)
+            if tied and head is not None:
+                hot.linear[head.index] = backend.prepare(_without_extra(delta), dtype)
                 if delta.extra_rows is not None:
                     hot.head_extra = hot.embed_extra
         elif isinstance(module, DeltaLinear) and pname == "weight":
-            hot.linear[path] = backend.prepare(_without_extra(delta), dtype)
+            hot.linear[module.index] = backend.prepare(_without_extra(delta), dtype)
             if module.is_head and delta.extra_rows is not None:
                 hot.head_extra = delta.extra_rows.to(dtype)
         elif isinstance(module, DeltaLinear) and pname == "bias":
@@ -256,7 +283,8 @@ def build_hot_expert(name: str, deltas: dict[str, CompressedDelta], wrapped: dic
         elif isinstance(module, DeltaRMSNorm) and pname == "weight":
             hot.norm[path] = apply_delta(module.base.weight.detach(), delta, dtype)
         else:
-            raise RuntimeError_(f"expert {name!r}: cannot apply a delta to {tname}")
+            raise DeltaLayerError(f"expert {name!r}: cannot apply a delta to {tname}")
+    hot.table = backend.expert_table(hot.linear)
     vocab = wrapped[embed_path].base.weight.shape[0] if embed_path else 0
     hot.vocab_size = vocab + (hot.embed_extra.shape[0] if hot.embed_extra is not None else 0)
     return hot

@@ -1,37 +1,51 @@
 """Expert residency: which experts are in memory, in which form, under a memory budget.
 
-Three tiers, as in the design of the runtime:
-    disk    the bundle's experts/<name>.safetensors (nothing read until an expert is needed)
+Tiers, as in the design of the runtime:
+    disk    the bundle's expert file (nothing read until an expert is needed)
     packed  its compressed deltas in RAM, as stored (b-bit codes, fp16 salient columns)
-    hot     additionally, the compute-ready form the delta layers read (backend.prepare)
+    hot     the compute-ready form the delta layers read (backend.prepare). With the CPU kernel
+            this is the packed form itself plus a few bytes per matrix; the reference backend
+            adds a dense copy.
 
-`max_memory` bounds packed + hot bytes together (the base model and KV cache are not in it).
-When a new expert needs room, the least recently used hot experts that no running request holds
-are demoted to packed first, then the least recently used packed experts are dropped. A request
-pins its expert's hot form from admission to completion, so nothing it uses is ever evicted;
-if the pinned experts alone fill the budget, `try_acquire` answers None and the engine keeps
-the request waiting. Prefetch loads queued experts' packed form in a background thread.
+Loading never blocks the engine or the HTTP loop: reading a file, checking its SHA-256 and
+building the compute-ready form run in a background thread, without the store's lock; the lock
+only guards bookkeeping (a few dictionary operations), so `stats()`, `/health` and `/metrics`
+never wait for a disk. The engine asks `acquire(name)` at every step for each waiting request:
+it answers the pinned hot expert, or None while the expert is being loaded (or waits for room),
+or raises what made its load fail, so one bad file fails only the requests that need it.
+
+Memory: `max_memory` bounds everything the runtime adds to the base: packed and hot experts,
+loads in flight (reserved before reading), experts removed from the bundle but still pinned by
+running requests (until they finish), and the engine's KV cache (`other_bytes`). When room is
+needed, the least recently used experts that no running request pins and no waiting request
+wants are evicted (hot forms first, then packed). Without an explicit budget, Switch.load
+derives one from the memory actually available (default_budget).
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Collection
 
-from ..bundle.format import Bundle, BundleError
+from ..bundle.format import Bundle, UnknownExpertError
 from ..compression.delta import CompressedDelta
-from .backend import TorchBackend
+from .backend import DeltaBackend
 from .layers import HotExpert, build_hot_expert
+
+DEFAULT_BUDGET_FRACTION = 0.8  # of the memory available when the runtime starts
 
 
 class MemoryBudgetError(RuntimeError):
-    pass
+    """An expert that cannot fit the memory budget even alone."""
 
 
 def release_freed_memory() -> None:
     """Give freed heap memory back to the OS (glibc keeps it otherwise: building an expert's
-    compute-ready form allocates large temporaries, and RSS would stay at the peak)."""
+    compute-ready form allocates temporaries, and RSS would stay at the peak)."""
     try:
         import ctypes
 
@@ -65,13 +79,50 @@ def parse_memory(value: str | int | None) -> int | None:
     return n
 
 
+def available_memory() -> int:
+    """Bytes this process can still take: the OS's available memory, bounded by a cgroup limit."""
+    import psutil
+
+    avail = psutil.virtual_memory().available
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read().strip())
+        if limit != "max":
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(0, avail)
+
+
+def default_budget() -> int:
+    """The budget when none is given: a fraction of the memory available now (after the base is
+    loaded), so that experts are evicted before the process runs out of memory."""
+    return max(64 << 20, int(available_memory() * DEFAULT_BUDGET_FRACTION))
+
+
 def _packed_bytes(deltas: dict[str, CompressedDelta]) -> int:
     return sum(d.nbytes for d in deltas.values())
 
 
+@dataclass(eq=False)
+class _Entry:
+    name: str
+    generation: int
+    deltas: dict[str, CompressedDelta]
+    packed_bytes: int
+    hot: HotExpert | None
+    hot_bytes: int
+    pins: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed_bytes + (self.hot_bytes if self.hot is not None else 0)
+
+
 class ExpertStore:
-    def __init__(self, bundle: Bundle, wrapped: dict, backend: TorchBackend, dtype, tied: bool,
-                 max_memory: int | None = None, verify: bool = True):
+    def __init__(self, bundle: Bundle, wrapped: dict, backend: DeltaBackend, dtype, tied: bool,
+                 max_memory: int | None = None, verify: bool = True,
+                 other_bytes: Callable[[], int] = lambda: 0, on_change: Callable[[], None] = lambda: None):
         self.bundle = bundle
         self.wrapped = wrapped
         self.backend = backend
@@ -79,149 +130,249 @@ class ExpertStore:
         self.tied = tied
         self.max_memory = max_memory
         self.verify = verify
-        self._lock = threading.RLock()
-        self._packed: OrderedDict[str, dict[str, CompressedDelta]] = OrderedDict()
-        self._packed_bytes: dict[str, int] = {}
-        self._hot: OrderedDict[str, HotExpert] = OrderedDict()
-        self._pins: dict[str, int] = {}
-        self._loading: dict[str, Future] = {}
+        self.other_bytes = other_bytes  # memory outside the store counted in the budget (KV cache)
+        self.on_change = on_change  # called when a load finishes or fails (the engine wakes up)
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._retired: list[_Entry] = []  # removed from the bundle, still pinned by running requests
+        self._loading: dict[str, int] = {}  # name -> bytes reserved for its load in flight
+        self._failed: dict[str, tuple[float, BaseException]] = {}  # name -> (when, why) of its last failed load
+        self._generation: dict[str, int] = {}  # bumped by forget(): a load in flight for an older one is dropped
         self._verified: set[str] = set()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meswitch-prefetch")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meswitch-load")
         self.stats = {"hits": 0, "misses": 0, "disk_loads": 0, "hot_builds": 0, "hot_evictions": 0,
-                      "packed_evictions": 0, "load_seconds": 0.0, "build_seconds": 0.0, "prefetches": 0}
+                      "packed_evictions": 0, "load_seconds": 0.0, "build_seconds": 0.0, "prefetches": 0,
+                      "load_failures": 0}
 
-    # ----- queries ----------------------------------------------------------------------------
+    # ----- queries (cheap: the lock is never held across I/O) ---------------------------------------
     @property
     def names(self) -> list[str]:
         return sorted(self.bundle.experts)
 
+    def _bytes(self) -> int:
+        return (sum(e.nbytes for e in self._entries.values()) + sum(e.nbytes for e in self._retired)
+                + sum(self._loading.values()))
+
     def memory_bytes(self) -> int:
+        """Bytes held by experts (packed, hot, retired-but-pinned) and reserved for loads in flight."""
         with self._lock:
-            return sum(self._packed_bytes.values()) + sum(h.nbytes for h in self._hot.values())
+            return self._bytes()
 
     def residency(self) -> dict[str, str]:
         with self._lock:
-            return {n: ("hot" if n in self._hot else "packed" if n in self._packed else "disk") for n in self.names}
+            def state(n):
+                e = self._entries.get(n)
+                if e is not None:
+                    return "hot" if e.hot is not None else "packed"
+                return "loading" if n in self._loading else "disk"
+            return {n: state(n) for n in self.names}
 
-    # ----- loading ----------------------------------------------------------------------------
-    def _load_packed(self, name: str) -> dict[str, CompressedDelta]:
-        """Disk -> packed (deduplicated between the engine thread and the prefetcher)."""
+    # ----- the engine's side ------------------------------------------------------------------------
+    def acquire(self, name: str, since: float = 0.0, protect: Collection[str] = ()) -> HotExpert | None:
+        """The expert's hot form, pinned for one request (release it with `release`); None while
+        it is loading or waiting for room. Raises UnknownExpertError, MemoryBudgetError, or the
+        error of a load that failed after `since` (time.perf_counter() of the request's arrival:
+        a request that came later starts a new attempt). `protect`: experts that waiting requests
+        want, not evicted to make room."""
+        if name not in self.bundle.experts:
+            raise UnknownExpertError(f"unknown expert {name!r}: not (or no longer) in the bundle "
+                                     f"(experts: {', '.join(self.names) or 'none'})")
         with self._lock:
-            if name in self._packed:
-                self._packed.move_to_end(name)
-                return self._packed[name]
-            fut = self._loading.get(name)
-            owner = fut is None
-            if owner:
-                fut = self._loading[name] = Future()
-        if not owner:
-            return fut.result()
+            e = self._entries.get(name)
+            if e is not None and e.hot is not None:
+                self._entries.move_to_end(name)
+                e.pins += 1
+                self.stats["hits"] += 1
+                return e.hot
+            failed = self._failed.get(name)
+            if failed is not None:
+                if failed[0] >= since:
+                    raise failed[1]
+                del self._failed[name]
+            if name in self._loading:
+                return None
+            if e is not None:  # packed, not hot: build in the background too (the reference backend's is slow)
+                need = self._ready_bytes(e.deltas)
+                self._check_fits(name, need + e.packed_bytes)
+            else:
+                # The tensors' bytes in the file: the packed size, known exactly once read; the
+                # compute-ready part is checked by the load (_load).
+                need = self._file_bytes(name)
+                self._check_fits(name, need)
+            if not self._make_room(need, keep={name, *protect}):
+                return None
+            self._start_load(name, need)
+            self.stats["misses"] += 1
+            return None
+
+    def acquire_blocking(self, name: str, timeout: float | None = 60.0) -> HotExpert:
+        """acquire() until it answers (tests, benchmarks and tools; the engine never blocks)."""
+        since = time.perf_counter()
+        deadline = None if timeout is None else since + timeout
+        while True:
+            hot = self.acquire(name, since)
+            if hot is not None:
+                return hot
+            if deadline is not None and time.perf_counter() > deadline:
+                raise TimeoutError(f"expert {name!r} did not load within {timeout} s (memory budget full?)")
+            time.sleep(0.002)
+
+    def release(self, hot: HotExpert) -> None:
+        """Unpin an expert acquired for a request (by the HotExpert acquire returned)."""
+        with self._lock:
+            e = self._find(hot)
+            if e is None:
+                return
+            e.pins -= 1
+            if e.pins <= 0 and e in self._retired:
+                self._retired.remove(e)
+
+    def prefetch(self, name: str) -> None:
+        """Load a queued request's expert in the background if it fits without evicting anything."""
+        with self._lock:
+            if name in self._entries or name in self._loading or name not in self.bundle.experts:
+                return
+            need = self._file_bytes(name)
+            if self.max_memory is not None and self._bytes() + self.other_bytes() + need > self.max_memory:
+                return
+            self.stats["prefetches"] += 1
+            self._start_load(name, need)
+
+    def make_room(self, nbytes: int, protect: Collection[str] = ()) -> bool:
+        """Evict unpinned experts so that `nbytes` more (e.g. KV cache growth) fit the budget."""
+        with self._lock:
+            return self._make_room(nbytes, keep=set(protect))
+
+    def read_packed(self, name: str) -> dict[str, CompressedDelta]:
+        """An expert's packed deltas, from memory when resident, else read from disk (not kept)."""
+        with self._lock:
+            e = self._entries.get(name)
+            if e is not None:
+                return e.deltas
+        return self.bundle.load_deltas(name, verify=self.verify)
+
+    # ----- loading (background thread) ----------------------------------------------------------------
+    def _start_load(self, name: str, reserve: int) -> None:
+        """Lock held. Reserve the bytes and queue the load."""
+        self._loading[name] = reserve
+        gen = self._generation.get(name, 0)
+        self._pool.submit(self._load, name, gen)
+
+    def _load(self, name: str, gen: int) -> None:
         try:
-            t0 = time.perf_counter()
-            deltas = self.bundle.load_deltas(name, verify=self.verify and name not in self._verified)
-            nbytes = _packed_bytes(deltas)
             with self._lock:
-                self._verified.add(name)
-                self._make_room(nbytes, keep=name)
-                self._packed[name] = deltas
-                self._packed_bytes[name] = nbytes
+                e = self._entries.get(name)
+                deltas = e.deltas if e is not None and e.generation == gen else None
+                verify = self.verify and name not in self._verified
+            t0 = time.perf_counter()
+            if deltas is None:
+                deltas = self.bundle.load_deltas(name, verify=verify)
                 self.stats["disk_loads"] += 1
-                self.stats["load_seconds"] += time.perf_counter() - t0
-            fut.set_result(deltas)
-            return deltas
-        except BaseException as e:
-            fut.set_exception(e)
-            raise
-        finally:
+            t1 = time.perf_counter()
+            packed = _packed_bytes(deltas)
+            ready = self._ready_bytes(deltas)
+            with self._lock:  # the exact size is known now: settle the reservation
+                self._check_fits(name, packed + ready)
+                held = self._entries[name].packed_bytes if name in self._entries else 0
+                extra = packed - held + ready - self._loading.get(name, 0)
+                if extra > 0 and not self._make_room(extra, keep={name}):
+                    self._loading.pop(name, None)  # no room any more: the request waits and asks again
+                    return
+                self._loading[name] = packed - held + ready
+            hot = build_hot_expert(name, deltas, self.wrapped, self.backend, self.dtype, self.tied)
+            t2 = time.perf_counter()
             with self._lock:
                 self._loading.pop(name, None)
+                if self._generation.get(name, 0) != gen or name not in self.bundle.experts:
+                    return  # removed or replaced meanwhile: what was read is stale
+                e = self._entries.get(name)
+                if e is None:
+                    e = _Entry(name, gen, deltas, packed, None, 0)
+                    self._entries[name] = e
+                e.hot, e.hot_bytes = hot, hot.nbytes
+                self._entries.move_to_end(name)
+                self._verified.add(name)
+                self.stats["hot_builds"] += 1
+                self.stats["load_seconds"] += t1 - t0
+                self.stats["build_seconds"] += t2 - t1
+            release_freed_memory()
+        except BaseException as err:  # any failure: reported to the requests that wait for this load
+            with self._lock:
+                self._loading.pop(name, None)
+                self._failed[name] = (time.perf_counter(), err)
+                self.stats["load_failures"] += 1
+        finally:
+            self.on_change()
 
-    def _make_room(self, need: int, keep: str) -> bool:
-        """Evict unpinned experts (hot forms first, LRU) until `need` more bytes fit. Lock held."""
+    # ----- bookkeeping (lock held) ------------------------------------------------------------------
+    def _find(self, hot: HotExpert) -> _Entry | None:
+        e = self._entries.get(hot.name)
+        if e is not None and e.hot is hot:
+            return e
+        return next((r for r in self._retired if r.hot is hot), None)
+
+    def _file_bytes(self, name: str) -> int:
+        """The tensor bytes of an expert's file: its size less the safetensors header (an
+        8-byte little-endian length, then that many bytes of JSON)."""
+        try:
+            with open(self.bundle.path / self.bundle.experts[name]["weights"], "rb") as f:
+                header = int.from_bytes(f.read(8), "little")
+                return max(0, os.fstat(f.fileno()).st_size - 8 - header)
+        except (OSError, KeyError):
+            return 0
+
+    def _ready_bytes(self, deltas: dict[str, CompressedDelta]) -> int:
+        """What build_hot_expert adds: the backend's matrices, plus norm weights / bias fixes and
+        added vocabulary rows materialized in the model dtype."""
+        n = 0
+        for d in deltas.values():
+            n += self.backend.ready_nbytes(d, self.dtype) if len(d.shape) == 2 else d.shape[0] * self.dtype.itemsize
+            if d.extra_rows is not None:
+                n += d.extra_rows.numel() * self.dtype.itemsize
+        return n
+
+    def _check_fits(self, name: str, nbytes: int) -> None:
+        """An expert that cannot fit even with every other expert evicted (the KV cache stays)."""
+        if self.max_memory is None:
+            return
+        other = self.other_bytes()
+        if nbytes + other > self.max_memory:
+            raise MemoryBudgetError(
+                f"expert {name!r} needs {nbytes / 2**20:.1f} MiB (packed + compute-ready) but the memory budget is "
+                f"{self.max_memory / 2**20:.1f} MiB, of which the KV cache takes {other / 2**20:.1f} MiB")
+
+    def _make_room(self, need: int, keep: Collection[str]) -> bool:
+        """Evict unpinned, unwanted experts (hot forms first, LRU) until `need` more bytes fit."""
         if self.max_memory is None:
             return True
-        while self.memory_bytes() + need > self.max_memory:
-            victim = next((n for n in self._hot if not self._pins.get(n) and n != keep), None)
+        while self._bytes() + self.other_bytes() + need > self.max_memory:
+            # A hot form worth dropping on its own (a dense copy); the CPU kernel's hot form is its
+            # packed form plus descriptors, so there the whole expert goes.
+            victim = next((e for e in self._entries.values() if e.hot is not None and e.pins == 0
+                           and e.name not in keep and e.name not in self._loading
+                           and 4 * e.hot_bytes >= e.packed_bytes), None)
             if victim is not None:
-                del self._hot[victim]
+                victim.hot = None
                 self.stats["hot_evictions"] += 1
                 continue
-            victim = next((n for n in self._packed if not self._pins.get(n) and n != keep and n not in self._hot), None)
+            victim = next((e for e in self._entries.values()
+                           if e.pins == 0 and e.name not in keep and e.name not in self._loading), None)
             if victim is None:
                 return False
-            del self._packed[victim]
-            del self._packed_bytes[victim]
+            del self._entries[victim.name]
             self.stats["packed_evictions"] += 1
         return True
 
-    def try_acquire(self, name: str) -> HotExpert | None:
-        """The expert's hot form, pinned for one request; None while pinned experts leave no room."""
-        if name not in self.bundle.experts:
-            raise BundleError(f"unknown expert {name!r} (experts: {', '.join(self.names) or 'none'})")
-        with self._lock:
-            hot = self._hot.get(name)
-            if hot is not None:
-                self._hot.move_to_end(name)
-                self._pins[name] = self._pins.get(name, 0) + 1
-                self.stats["hits"] += 1
-                return hot
-        deltas = self._load_packed(name)
-        need = self.backend_bytes(deltas)
-        with self._lock:
-            if name in self._hot:  # built meanwhile by another thread
-                return self.try_acquire(name)
-            if self.max_memory is not None and self._packed_bytes.get(name, 0) + need > self.max_memory:
-                raise MemoryBudgetError(
-                    f"expert {name!r} needs {(self._packed_bytes.get(name, 0) + need) / 2**20:.1f} MiB "
-                    f"(packed + compute-ready) but the memory budget is {self.max_memory / 2**20:.1f} MiB"
-                )
-            if not self._make_room(need, keep=name):
-                return None
-            t0 = time.perf_counter()
-            hot = build_hot_expert(name, deltas, self.wrapped, self.backend, self.dtype, self.tied)
-            self.stats["build_seconds"] += time.perf_counter() - t0
-            self.stats["hot_builds"] += 1
-            self.stats["misses"] += 1
-            self._hot[name] = hot
-            self._pins[name] = self._pins.get(name, 0) + 1
-        release_freed_memory()
-        return hot
-
-    def backend_bytes(self, deltas: dict[str, CompressedDelta]) -> int:
-        """Bytes the compute-ready form will take (computed without building it)."""
-        return sum(self.backend.ready_nbytes(d, self.dtype) for d in deltas.values())
-
-    def release(self, name: str) -> None:
-        with self._lock:
-            n = self._pins.get(name, 0) - 1
-            if n > 0:
-                self._pins[name] = n
-            else:
-                self._pins.pop(name, None)
-
-    def prefetch(self, name: str) -> None:
-        """Start loading an expert's packed form in the background (for a queued request)."""
-        with self._lock:
-            if name in self._packed or name in self._loading or name not in self.bundle.experts:
-                return
-            self.stats["prefetches"] += 1
-
-        def job():
-            try:
-                self._load_packed(name)
-            except Exception:
-                pass  # the request that needs it will load it again and report the error
-
-        self._pool.submit(job)
-
-    # ----- experts added and removed at run time ---------------------------------------------------
+    # ----- experts added, replaced and removed at run time ------------------------------------------------
     def forget(self, name: str) -> None:
-        """Drop an expert's memory (after it was removed from the bundle). Pinned forms stay
-        referenced by the requests that hold them until they finish."""
+        """Drop an expert's memory (it was removed or replaced in the bundle). Forms pinned by
+        running requests stay counted until those finish; a load in flight is discarded."""
         with self._lock:
-            self._hot.pop(name, None)
-            self._packed.pop(name, None)
-            self._packed_bytes.pop(name, None)
+            self._generation[name] = self._generation.get(name, 0) + 1
+            e = self._entries.pop(name, None)
+            if e is not None and e.pins > 0:
+                self._retired.append(e)
+            self._failed.pop(name, None)
             self._verified.discard(name)
 
     def close(self) -> None:

@@ -12,6 +12,8 @@ chosen expert's own chat template. `expert=None` is the plain base model.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import shutil
 import threading
@@ -19,15 +21,32 @@ from pathlib import Path
 
 import torch
 
-from ..bundle.format import Bundle, BundleError, check_expert_name
-from ..checkpoints import DTYPES, Checkpoint, fingerprint
+from ..bundle.format import Bundle, BundleError, ExpertExistsError, UnknownExpertError, check_expert_name
+from ..checkpoints import Checkpoint, fingerprint
+from ..hardware import resolve_dtype
 from .attention import register_attention
 from .backend import get_backend
-from .engine import Completion, Engine, Request, RequestError, SamplingParams
+from .engine import (Completion, ContextLengthError, Engine, Request, RequestError,  # noqa: F401 (re-exported)
+                     SamplingParams)
 from .layers import DeltaContext, install_delta_layers
-from .store import ExpertStore, parse_memory
+from .store import DEFAULT_BUDGET_FRACTION, ExpertStore, default_budget, parse_memory
 
+log = logging.getLogger("meswitch.runtime")
 Prompt = str | list[dict]
+
+
+class SourceError(BundleError):
+    """The bundle an expert is to be added from is missing, invalid, or of another base."""
+
+
+def check_text(text: str, what: str) -> str:
+    """Refuse text that is not valid Unicode (a lone UTF-16 surrogate, as JSON's "\\ud800" gives):
+    no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{what} is not valid Unicode (it holds a lone surrogate code point)") from None
+    return text
 
 
 class Switch:
@@ -41,23 +60,26 @@ class Switch:
         self._tokenizers: dict[str | None, object] = {None: base_tokenizer}
         self._eos: dict[str | None, frozenset[int]] = {}
         self._admin_lock = threading.Lock()
-
+        # Experts changed in the bundle (by this Switch or another process): drop what was read.
+        bundle.add_listener(self._forget)
     # ----- construction ------------------------------------------------------------------------
     @classmethod
     def load(cls, bundle: str | os.PathLike | Bundle, base: str | os.PathLike | None = None, *,
-             dtype: str | torch.dtype = "bfloat16", max_memory: str | int | None = None, max_batch: int = 8,
+             dtype: str | torch.dtype = "auto", max_memory: str | int | None = None, max_batch: int = 8,
              max_queue: int = 256, max_step_tokens: int = 512, max_model_len: int | None = None,
-             backend: str = "torch", threads: int | None = None, verify: bool = True,
+             backend: str = "auto", threads: int | None = None, verify: bool = True,
              base_fingerprint_check: bool = True, start: bool = True) -> "Switch":
         """Load the base once and open the bundle; experts are read when first needed.
 
         base: the base checkpoint (default: the path recorded in the bundle); it must be the
-        base the deltas were computed against (checked by fingerprint)."""
+        base the deltas were computed against (checked by fingerprint).
+        dtype: "auto" (bfloat16 where the CPU has native bf16, else float32; meswitch.hardware),
+        "float32" (greedy output equals the materialized expert's), "bfloat16" or "float16".
+        backend: "auto", "cpu" or "reference" (runtime/backend.py).
+        max_memory: budget for expert deltas and the KV cache (e.g. "2GiB"); default: 80% of the
+        memory available once the base is loaded (runtime/store.py)."""
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-            dtype = DTYPES[dtype]
+        dtype = resolve_dtype(dtype)
         if threads:
             torch.set_num_threads(threads)
         ref = base or b.manifest["base"].get("reference")
@@ -67,15 +89,26 @@ class Switch:
         if base_fingerprint_check:
             b.check_base_fingerprint(fingerprint(ckpt), ckpt.reference)
         model = ckpt.load_model(dtype)
+        # deltas that do not fit this base are refused when read, with the tensor named
+        b.base_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         model.set_attn_implementation(register_attention())
         tokenizer = ckpt.load_tokenizer()
-        ctx = DeltaContext()
         be = get_backend(backend)
-        wrapped = install_delta_layers(model, ctx, be)
+        ctx = DeltaContext(be)
+        wrapped = install_delta_layers(model, ctx)
+        budget = parse_memory(max_memory)
+        if budget is None:  # experts are evicted before the process runs out of memory
+            budget = default_budget()
+            log.info("memory budget for experts and KV cache: %.0f MiB (%.0f%% of the memory available; "
+                     "set max_memory to change it)", budget / 2**20, DEFAULT_BUDGET_FRACTION * 100)
         store = ExpertStore(b, wrapped, be, dtype, tied=bool(model.config.tie_word_embeddings),
-                            max_memory=parse_memory(max_memory), verify=verify)
+                            max_memory=budget, verify=verify)
         engine = Engine(model, store, ctx, max_batch=max_batch, max_queue=max_queue,
                         max_step_tokens=max_step_tokens, max_model_len=max_model_len, dtype=dtype)
+        # The KV cache counts in the budget; experts make room when it grows; loads wake the engine.
+        store.other_bytes = lambda: engine.cache.nbytes
+        store.on_change = engine.wake
+        engine.cache.on_grow = store.make_room
         sw = cls(b, model, tokenizer, store, engine, dtype)
         if start:
             engine.start()
@@ -104,8 +137,8 @@ class Switch:
         if tok is None:
             from transformers import AutoTokenizer
 
-            entry = self.bundle.entry(expert)
-            tok = AutoTokenizer.from_pretrained(self.bundle.path / entry["aux_dir"])
+            # every file in the folder checked against the manifest before transformers reads it
+            tok = AutoTokenizer.from_pretrained(self.bundle.verified_aux_dir(expert))
             self._tokenizers[expert] = tok
         return tok
 
@@ -118,63 +151,88 @@ class Switch:
             gen = getattr(self.model, "generation_config", None)
             eos = getattr(gen, "eos_token_id", None) if expert is None else self._expert_generation_eos(expert)
             if eos is not None:
-                ids.update([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+                try:
+                    ids.update([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+                except (TypeError, ValueError):
+                    raise BundleError(f"expert {expert!r}: generation_config.json has an invalid eos_token_id") from None
             self._eos[expert] = frozenset(ids)
         return self._eos[expert]
 
     def _expert_generation_eos(self, expert: str):
-        import json
-
-        f = self.bundle.path / self.bundle.entry(expert)["aux_dir"] / "generation_config.json"
+        f = self.bundle.verified_aux_dir(expert) / "generation_config.json"
         if f.is_file():
-            return json.loads(f.read_text()).get("eos_token_id")
+            try:
+                gen = json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BundleError(f"expert {expert!r}: generation_config.json is not JSON ({e})") from e
+            if not isinstance(gen, dict):
+                raise BundleError(f"expert {expert!r}: generation_config.json is not an object")
+            return gen.get("eos_token_id")
         return getattr(self.model.generation_config, "eos_token_id", None)
 
-    def add_expert(self, name: str, source: str | os.PathLike, source_name: str | None = None,
+    def _forget(self, names: set[str]) -> None:
+        """Drop what was read of these experts (they were added, replaced or removed)."""
+        for name in names:
+            self.store.forget(name)
+            self._tokenizers.pop(name, None)
+            self._eos.pop(name, None)
+
+    def sync_bundle(self) -> set[str]:
+        """Take the bundle's manifest again if another process changed it (one stat when it did
+        not); returns the experts added, replaced or removed."""
+        return self.bundle.refresh()
+
+    def add_expert(self, name: str, source: str | os.PathLike | Bundle, source_name: str | None = None,
                    overwrite: bool = False) -> None:
         """Copy expert `source_name` (default: `name`) of another bundle computed against the same
-        base into this bundle, and serve it from now on. No restart needed."""
+        base into this bundle, and serve it from now on. No restart needed.
+
+        Only the files the source manifest lists for that expert are copied, each checked against
+        its SHA-256 and confined to the source bundle; its delta file is checked against the
+        format and this base's tensor shapes first. Problems with the source raise SourceError."""
         check_expert_name(name)
-        src = Bundle.open(source)
         src_name = source_name or name
+        self.sync_bundle()
         with self._admin_lock:
-            entry = src.entry(src_name)
-            src.check_base_fingerprint(self.bundle.base_fingerprint, f"bundle {self.bundle.path}")
             if name in self.bundle.experts and not overwrite:
-                raise BundleError(f"expert {name!r} already exists in {self.bundle.path}")
-            src.verify_files(src_name)
-            src.load_deltas(src_name, verify=False)  # validates the file before anything is copied
+                raise ExpertExistsError(f"expert {name!r} already exists in {self.bundle.path}")
+            try:
+                src = source if isinstance(source, Bundle) else Bundle.open(source)
+                entry = src.entry(src_name)
+                src.check_base_fingerprint(self.bundle.base_fingerprint, f"bundle {self.bundle.path}")
+                src.base_shapes = self.bundle.base_shapes
+                src.verify_files(src_name)
+                src.load_deltas(src_name, verify=False)  # validates the file before anything is copied
+                weights = src.resolve(entry["weights"])
+                aux_files = [src.resolve(rel) for rel in entry["files"] if rel != entry["weights"]]
+                import safetensors.torch as st
+                from safetensors import safe_open
+
+                tensors = st.load_file(weights)
+                with safe_open(weights, framework="pt") as f:
+                    meta = dict(f.metadata() or {})
+            except BundleError as e:
+                raise SourceError(f"cannot add expert {name!r} from {source}: {e}") from e
+            except OSError as e:
+                raise SourceError(f"cannot add expert {name!r} from {source}: {e.strerror or e}") from e
 
             def save_aux(dest: Path) -> None:
-                shutil.copytree(src.aux_dir(src_name), dest)
+                dest.mkdir()
+                for f in aux_files:
+                    shutil.copyfile(f, dest / f.name)
 
-            import safetensors.torch as st
-
-            deltas_file = src.path / entry["weights"]
-            tensors = st.load_file(deltas_file)
-            from safetensors import safe_open
-
-            with safe_open(deltas_file, framework="pt") as f:
-                meta = dict(f.metadata() or {})
             meta["expert"] = name
             staged = self.bundle.stage_raw(name, tensors, meta, save_aux)
             keep = {k: v for k, v in entry.items() if k not in ("name", "weights", "aux_dir", "files", "created")}
             try:
-                self.bundle.commit([(staged, keep)])
-            except BaseException:
-                self.bundle.discard([staged])
-                raise
-            self.store.forget(name)
-            self._tokenizers.pop(name, None)
-            self._eos.pop(name, None)
+                self.bundle.commit([(staged, keep)], replace=overwrite)
+            finally:
+                self.bundle.discard([staged])  # whatever commit did not move into place
 
     def remove_expert(self, name: str) -> None:
         """Stop serving an expert and delete it from the bundle. Requests already running finish."""
         with self._admin_lock:
             self.bundle.remove_expert(name)
-            self.store.forget(name)
-            self._tokenizers.pop(name, None)
-            self._eos.pop(name, None)
 
     # ----- requests ------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, expert: str | None) -> list[int]:
@@ -184,11 +242,14 @@ class Switch:
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("the prompt is empty")
-            return list(tok(prompt, add_special_tokens=True)["input_ids"])
+            return list(tok(check_text(prompt, "the prompt"), add_special_tokens=True)["input_ids"])
         if not isinstance(prompt, list) or not prompt or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
         ):
             raise RequestError("messages must be a non-empty list of {'role': str, 'content': str}")
+        for i, m in enumerate(prompt):
+            check_text(m["role"], f"messages[{i}].role")
+            check_text(m["content"], f"messages[{i}].content")
         if not getattr(tok, "chat_template", None):
             raise RequestError(f"{expert or 'the base'} has no chat template; send a plain prompt instead")
         ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
@@ -199,9 +260,10 @@ class Switch:
     def submit(self, prompt: Prompt, expert: str | None = None, on_update=None, **sampling) -> Request:
         """Queue one request; returns at once. `on_update(request, new_text, completion_or_None)`
         is called from the engine thread as text is produced, and once more when it finishes."""
+        self.sync_bundle()
         params = sampling.pop("params", None) or SamplingParams(**sampling)
-        req = Request(self.encode(prompt, expert), expert, params, self.tokenizer(expert), self.eos_ids(expert),
-                      on_update)
+        ids = self.encode(prompt, expert)  # the engine checks the length and the parameters
+        req = Request(ids, expert, params, self.tokenizer(expert), self.eos_ids(expert), on_update)
         return self.engine.submit(req)
 
     def generate(self, prompts: Prompt | list[Prompt], expert: str | None | list[str | None] = None,
