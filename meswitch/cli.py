@@ -14,9 +14,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from .bundle.format import EXAMPLES_FILE, Bundle, BundleError, check_expert_name  # noqa: E402
 from .checkpoints import DTYPES, Checkpoint, CheckpointError, check_compatible, fingerprint  # noqa: E402
 from .compression.calibration import CalibrationError, load_samples  # noqa: E402
+from .compression.layerwise import TUNE_MODES, ResumeError  # noqa: E402
 from .compression.methods import METHODS, CompressionSpec, check_salient  # noqa: E402
+from .compression.pipeline import DEFAULT_TUNE  # noqa: E402
 
-USER_ERRORS = (BundleError, CheckpointError, CalibrationError, ValueError, FileNotFoundError, FileExistsError, RuntimeError)
+USER_ERRORS = (BundleError, CheckpointError, CalibrationError, ResumeError, ValueError, FileNotFoundError, FileExistsError,
+               RuntimeError)
 
 
 class UsageError(ValueError):
@@ -147,6 +150,9 @@ def cmd_compress(args) -> int:
         ckpts[n] = Checkpoint.open(p)
         check_compatible(base, ckpts[n], n)
 
+    # Finished layers are kept next to the bundle until the bundle is written, so that an
+    # interrupted run can continue (--resume); the bundle itself only ever gets whole experts.
+    partial = partial_dir(out)
     staged = []
     try:
         for n, _ in experts:
@@ -155,13 +161,14 @@ def cmd_compress(args) -> int:
                 base, ckpts[n], spec,
                 CalibrationConfig(path=calib[n], max_len=args.calib_max_len, max_samples=args.calib_samples,
                                   heldout_fraction=args.heldout),
-                tune_steps=args.tune_steps, device=args.device, model_dtype=DTYPES[args.model_dtype],
-                name=n, log=log,
+                tune_steps=args.tune_steps, tune=args.tune, device=args.device, model_dtype=DTYPES[args.model_dtype],
+                name=n, workdir=partial / n, resume=args.resume, base_fingerprint=base_fp, log=log,
             )
-            record = bundle.stage_expert(n, result.deltas, _aux_writer(ckpts[n], calib[n]))
+            record = bundle.stage_raw(n, result.store.tensors(), bundle.delta_metadata(n, result.store.layout()),
+                                      _aux_writer(ckpts[n], calib[n]))
             params = spec.as_dict()
-            params.update({"tune_steps": args.tune_steps, "calibration": calib[n] or "builtin",
-                           "calibration_max_len": args.calib_max_len})
+            params.update({"tune_steps": args.tune_steps, "tune": args.tune if args.tune_steps else None,
+                           "calibration": calib[n] or "builtin", "calibration_max_len": args.calib_max_len})
             nbytes = record["bytes"]
             entry = {
                 "source": ckpts[n].reference,
@@ -187,9 +194,18 @@ def cmd_compress(args) -> int:
         bundle.discard([r for r, _ in staged])
         if not bundle_existed and not (out / "manifest.json").exists():
             shutil.rmtree(out, ignore_errors=True)
+        if partial.exists():
+            log(f"finished steps are kept in {partial}: run the same command with --resume to continue")
         raise
+    shutil.rmtree(partial, ignore_errors=True)
     print_inspect(Bundle.open(out))
     return 0
+
+
+def partial_dir(bundle: Path) -> Path:
+    """Where `compress` keeps the finished layers of experts not yet in the bundle."""
+    bundle = Path(bundle).resolve()
+    return bundle.parent / f".{bundle.name}.partial"
 
 
 # ----- inspect -------------------------------------------------------------------------------
@@ -278,7 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-samples", type=_int_at_least(2), default=64, help="at most this many samples per expert")
     c.add_argument("--calib-max-len", type=_int_at_least(2), default=128, help="tokens per sample")
     c.add_argument("--heldout", type=float, default=0.25, help="fraction of samples held out for the quality report")
-    c.add_argument("--tune-steps", type=_int_at_least(0), default=0, help="step-size distillation steps (default 0: off)")
+    c.add_argument("--tune-steps", type=_int_at_least(0), default=0,
+                   help="step-size tuning steps: per layer (blockwise) or in total (end-to-end) (default 0: off)")
+    c.add_argument("--tune", choices=TUNE_MODES, default=DEFAULT_TUNE,
+                   help="blockwise: each layer's output to the expert layer's (bounded memory); end-to-end: KL of the "
+                        "whole model's predictions (loads the whole base); both (default %(default)s)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted compression from its last finished layer")
     c.add_argument("--keep-embeddings-16bit", action="store_true", help="store embedding / LM head deltas in 16 bits")
     c.add_argument("--description", action="append", metavar="NAME=TEXT", help="one-line description of an expert's domain")
     c.add_argument("--overwrite", action="store_true", help="replace experts of the same name in the bundle")

@@ -6,6 +6,10 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import tempfile  # noqa: E402
+
+# The base-fingerprint cache of this test session, not the user's (~/.cache/meswitch).
+os.environ["MESWITCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="meswitch-test-cache-")
 
 import copy  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -46,21 +50,22 @@ def build_tokenizer():
     return fast
 
 
-def tiny_config(family: str = "llama", tied: bool = True, vocab: int = VOCAB):
+def tiny_config(family: str = "llama", tied: bool = True, vocab: int = VOCAB, layers: int = 2, hidden: int = 64,
+                intermediate: int = 128):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
     return cls(**common)
 
 
-def random_model(family: str = "llama", tied: bool = True, seed: int = 0, vocab: int = VOCAB):
+def random_model(family: str = "llama", tied: bool = True, seed: int = 0, vocab: int = VOCAB, **shape):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, tied, vocab))
+    model = AutoModelForCausalLM.from_config(tiny_config(family, tied, vocab, **shape))
     with torch.no_grad():  # norms away from exactly 1.0 so their deltas are non-trivial
         for p in model.parameters():
             if p.dim() == 1:

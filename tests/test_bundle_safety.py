@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ import meswitch.compression.pipeline as pipeline
 from meswitch.bundle import Bundle, BundleError
 from meswitch.bundle.format import UnsafePathError, sha256_file
 from meswitch.cli import main
+from meswitch.compression.layerwise import DeltaStore
 from meswitch.runtime import Switch
 
 PROMPT = CORPUS[0][:40]
@@ -54,8 +56,13 @@ def versions(tokenizer, tmp_path_factory):
     real = pipeline.compress_expert
 
     def keep(*a, **k):
-        results.append(real(*a, **k))
-        return results[-1]
+        # The compressed parts live in the bundle's work directory, deleted once the bundle is
+        # written: the kept result points to a copy of them, so that replays can stage them again.
+        r = real(*a, **k)
+        kept = d / "kept-result"
+        shutil.copytree(r.store.path, kept)
+        results.append(dataclasses.replace(r, store=DeltaStore(kept), workdir=kept))
+        return r
 
     pipeline.compress_expert = keep
     try:
@@ -197,8 +204,11 @@ def test_a_killed_compress_leaves_the_old_bundle_and_its_leftovers_are_collected
         import torch
         from meswitch.bundle import Bundle
         # the compression itself is not what is tested: take its result from the finished bundle
+        from meswitch.compression.layerwise import DeltaStore
         v2 = Bundle.open({str(versions['v2'])!r})
-        done = SimpleNamespace(deltas=v2.load_deltas("math"), dtype=torch.bfloat16, quality={{}}, tuning={{}},
+        store = DeltaStore({str(tmp_path / "parts")!r})
+        store.write("all", v2.load_deltas("math"))
+        done = SimpleNamespace(store=store, dtype=torch.bfloat16, quality={{}}, tuning={{}},
                                seconds=0.0, **{{k: v2.experts["math"][k] for k in ("num_parameters", "payload_bytes")}})
         done.nbytes = done.payload_bytes
         pipeline.compress_expert = lambda *a, **k: done

@@ -92,3 +92,58 @@ def test_calibration_files(tmp_path, tokenizer):
     (tmp_path / "e.csv").write_text("a,b\n")
     with pytest.raises(CalibrationError, match=".txt, .jsonl or .json"):
         load_samples(tmp_path / "e.csv")
+
+
+def test_fingerprint_is_cached_by_file_identity_and_rechecked_when_a_file_changes(tmp_path, tokenizer, monkeypatch, capsys):
+    import os
+
+    import meswitch.checkpoints as ck
+
+    bdir = save_checkpoint(random_model(seed=51), tokenizer, tmp_path / "base")
+    hashed = []
+    real = ck._hash_tensors
+    monkeypatch.setattr(ck, "_hash_tensors", lambda c, p: hashed.append(c.reference) or real(c, p))
+    first = fingerprint(Checkpoint.open(bdir))
+    assert fingerprint(Checkpoint.open(bdir)) == first and len(hashed) == 1  # second time: no tensor read
+    # Rewrite one weight in place, keeping the file's size and modification time: the inode's
+    # change time still moves, so the fingerprint is computed again and no longer matches.
+    f = bdir / "model.safetensors"
+    st = f.stat()
+    ckpt = Checkpoint.open(bdir)
+    original = f.read_bytes()
+    data = bytearray(original)
+    data[-2] ^= 0x40  # a bit of the last stored value
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    changed = fingerprint(ckpt)
+    assert changed != first and len(hashed) == 2
+    # A bundle compressed against the first base refuses the changed one.
+    edir = save_checkpoint(derive_expert(random_model(seed=51), seed=52), tokenizer, tmp_path / "expert")
+    f.write_bytes(original)
+    assert fingerprint(Checkpoint.open(bdir)) == first
+    assert main(["compress", "--base", str(bdir), "--expert", f"e={edir}", "--out", str(tmp_path / "b"),
+                 "--method", "fp16"]) == 0
+    f.write_bytes(bytes(data))
+    assert main(["materialize", str(tmp_path / "b"), "e", "--out", str(tmp_path / "m")]) == 1
+    assert "base mismatch" in capsys.readouterr().err
+
+
+def test_streamed_safetensors_files_read_back_with_the_library(tmp_path):
+    from safetensors import safe_open
+
+    from meswitch.tensorfile import DictSource, LazyTensors, write_safetensors
+
+    tensors = {"b.i32": torch.arange(7, dtype=torch.int32), "a.f16": torch.randn(3, 5).half(),
+               "c.u8": torch.randint(0, 255, (9,), dtype=torch.uint8), "d.bf16": torch.randn(2, 2).bfloat16(),
+               "e.f32": torch.randn(4), "f.empty": torch.zeros(0, 3, dtype=torch.int32)}
+    write_safetensors(tmp_path / "x.safetensors", DictSource(tensors), {"k": "v"})
+    with safe_open(tmp_path / "x.safetensors", framework="pt") as f:
+        assert f.metadata() == {"k": "v"} and set(f.keys()) == set(tensors)
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v), k
+    lazy = LazyTensors([tmp_path / "x.safetensors"])
+    assert {k: (dt, shape) for k, dt, shape in lazy.specs()} == {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    write_safetensors(tmp_path / "y.safetensors", lazy)  # copied one tensor at a time
+    with safe_open(tmp_path / "y.safetensors", framework="pt") as f:
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())

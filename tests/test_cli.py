@@ -1,7 +1,9 @@
 """End to end on tiny random Llama-family models: compress -> bundle -> inspect -> materialize."""
 from __future__ import annotations
 
+import functools
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,8 @@ from conftest import derive_expert, random_model, save_checkpoint
 from meswitch.bundle import Bundle
 from meswitch.checkpoints import Checkpoint
 from meswitch.cli import main
+from meswitch.compression.calibration import load_samples, next_token_logprobs, split_heldout, tokenize_samples
+from meswitch.compression.quality import compare_to_expert
 
 # Stated tolerance of the default method (2-bit mixed precision) on these tiny models: the
 # reconstructed delta of every matrix is within 45% of the true delta in Frobenius norm (2-bit
@@ -21,8 +25,40 @@ from meswitch.cli import main
 DELTA_REL_TOL = 0.45
 
 
+# A compressed expert must be much closer to the expert than the base is: a compressor that
+# dropped, zeroed or halved the deltas would leave KL(expert || result) near KL(expert || base)
+# (or a quarter of it), so every quality check is bounded by a fraction of that gap.
+KL_FRACTION_OF_BASE = 0.2
+
+
 def compress(*args, capsys=None) -> int:
     return main(["compress", *map(str, args)])
+
+
+@functools.cache
+def expert_vs_base(base_dir, expert_dir, calib=None, samples: int = 64, heldout: float = 0.25) -> dict:
+    """KL(expert || base) and top-1 agreement on the held-out samples `compress` measures on
+    (the same file, sample count, length and split)."""
+    base, expert = Checkpoint.open(base_dir), Checkpoint.open(expert_dir)
+    seqs = tokenize_samples(expert.load_tokenizer(), load_samples(calib)[:samples], 128)
+    held = split_heldout(seqs, heldout)[1]
+    return compare_to_expert(base.load_model(), held, next_token_logprobs(expert.load_model(), held))
+
+
+def expected_payload(ckpt: Checkpoint, bits: int, salient: float) -> int:
+    """Bytes of a `mixed` delta file's tensors, from the shapes alone (docs/FORMAT.md): per matrix,
+    packed codes + float16 step size and offset per row + int32 index and float16 column per
+    salient channel; 16-bit values for every other tensor."""
+    total = 0
+    for name in ckpt.weight_names():
+        shape = ckpt.shape(name)
+        if len(shape) == 2:
+            out, cols = shape
+            k = max(0, min(round(salient * cols), cols - 1))
+            total += out * math.ceil((cols - k) * bits / 8) + out * 2 * 2 + k * 4 + out * k * 2
+        else:
+            total += 2 * math.prod(shape)
+    return total
 
 
 def snapshot(bundle_dir):
@@ -40,7 +76,7 @@ def bundle(tmp_path_factory, tiny_models, calib_file):
     return out
 
 
-def test_manifest_records_what_was_built(bundle, tiny_models):
+def test_manifest_records_what_was_built(bundle, tiny_models, calib_file):
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["format"] == "meswitch-bundle" and m["format_version"] == 1
     assert m["base"]["fingerprint"].startswith("blake2b-128:")
@@ -53,11 +89,18 @@ def test_manifest_records_what_was_built(bundle, tiny_models):
     size = (bundle / e["weights"]).stat().st_size
     assert e["bytes"] == size
     assert e["effective_bits"] == pytest.approx(8 * size / e["num_parameters"])
-    assert e["num_parameters"] == Checkpoint.open(tiny_models["math"]).num_parameters()
-    assert 2 < e["effective_bits"] < 16
+    expert = Checkpoint.open(tiny_models["math"])
+    assert e["num_parameters"] == expert.num_parameters()
+    # Every stored byte is accounted for: 2-bit codes, step sizes, 1% salient channels, 16-bit
+    # norms, and a safetensors header (JSON, well under 200 bytes per stored array).
+    assert e["payload_bytes"] == expected_payload(expert, bits=2, salient=0.01)
+    assert 0 < size - e["payload_bytes"] < 200 * 5 * len(expert.weight_names())
     q = e["quality"]
-    assert 0 <= q["kl"] < 0.1 and 0.5 < q["top1_agreement"] <= 1 and q["heldout_samples"] >= 1
-    assert e["tuning"]["kl_after"] < e["tuning"]["kl_before"]
+    gap = expert_vs_base(tiny_models["base"], tiny_models["math"], calib_file)
+    assert 0 <= q["kl"] <= KL_FRACTION_OF_BASE * gap["kl"] and q["heldout_samples"] >= 1
+    assert gap["top1_agreement"] < q["top1_agreement"] <= 1
+    assert e["tuning"]["mode"] == "blockwise" and e["tuning"]["kl_after"] < e["tuning"]["kl_before"]
+    assert all(a < b for a, b in zip(e["tuning"]["layer_mse_after"], e["tuning"]["layer_mse_before"]))
     assert (bundle / e["aux_dir"] / "tokenizer.json").is_file()
 
 
@@ -87,11 +130,16 @@ def test_materialized_expert_loads_with_plain_transformers(bundle, tiny_models, 
         err = (rebuilt[name].float() - w.float()).norm() / d_true.norm().clamp_min(1e-12)
         tol = DELTA_REL_TOL if w.dim() == 2 else 0.01
         assert err < tol, (name, float(err))
-    ids = tokenizer("Tom has 12 apples and gives 5 to Anna.", return_tensors="pt").input_ids
-    with torch.no_grad():
-        p = torch.log_softmax(expert(ids).logits.float(), -1)
-        q = torch.log_softmax(model(ids).logits.float(), -1)
-    assert float((p.exp() * (p - q)).sum(-1).mean()) < 0.1
+    ids = tokenizer("Tom has 12 apples and gives 5 to Anna. A train travels 60 km.", return_tensors="pt").input_ids
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_models["base"])
+
+    def kl(m):
+        with torch.no_grad():
+            p = torch.log_softmax(expert(ids).logits.float(), -1)
+            q = torch.log_softmax(m(ids).logits.float(), -1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    assert kl(model) < KL_FRACTION_OF_BASE * kl(base_model)
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
 
 
@@ -121,10 +169,29 @@ def test_comparison_methods_share_the_code_path(tiny_models, tmp_path, method, m
     q = deltas["model.layers.0.mlp.up_proj.weight"]
     assert q.kind == "quantized" and q.salient_idx.numel() == 0
     assert deltas["model.embed_tokens.weight"].kind == "dense"
-    assert e["quality"]["kl"] < 0.5
+    # 2-bit RTN keeps most of the gain; BitDelta's one bit per weight (untuned) about half.
+    gap = expert_vs_base(tiny_models["base"], tiny_models["code"])["kl"]
+    assert e["quality"]["kl"] < {"rtn": KL_FRACTION_OF_BASE, "bitdelta": 0.6}[method] * gap
     # Embeddings stay 16-bit here, so bits/param sit above the matrices' own bits.
     layer_bits = 8 * q.nbytes / (q.shape[0] * q.shape[1])
     assert layer_bits < max_bits
+
+
+def test_salient_channels_carry_the_outlier_channels_of_an_expert(tmp_path, tokenizer, calib_file):
+    """ME-Switch's point: a fine-tune that moved a few input channels a lot (25x) is kept far
+    better by two 16-bit channels per matrix than by the same quantizer without them."""
+    base = random_model(seed=13)
+    bdir = save_checkpoint(base, tokenizer, tmp_path / "base")
+    edir = save_checkpoint(derive_expert(base, seed=14, outlier_cols=2), tokenizer, tmp_path / "expert")
+    kl = {}
+    for method in ("mixed", "rtn"):
+        out = tmp_path / method
+        assert compress("--base", bdir, "--expert", f"e={edir}", "--out", out, "--method", method, "--salient", 2,
+                        "--calib", calib_file) == 0
+        kl[method] = Bundle.open(out).experts["e"]["quality"]["kl"]
+        q = Bundle.open(out).load_deltas("e")["model.layers.1.self_attn.o_proj.weight"]
+        assert q.salient_idx.numel() == (2 if method == "mixed" else 0)
+    assert kl["mixed"] < 0.5 * kl["rtn"], kl
 
 
 def test_adding_an_expert_to_an_existing_bundle(tiny_models, tmp_path):
@@ -140,12 +207,18 @@ def test_adding_an_expert_to_an_existing_bundle(tiny_models, tmp_path):
         b.verify_files(name)
 
 
-@pytest.fixture()
-def small_bundle(tiny_models, tmp_path):
-    out = tmp_path / "small"
+@pytest.fixture(scope="module")
+def small_bundle_once(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("small") / "small"
     assert compress("--base", tiny_models["base"], "--expert", f"math={tiny_models['math']}",
                     "--out", out, "--calib-samples", 6) == 0
     return out
+
+
+@pytest.fixture()
+def small_bundle(small_bundle_once, tmp_path):
+    """A fresh copy per test (tests corrupt it); compressed once per module."""
+    return shutil.copytree(small_bundle_once, tmp_path / "small")
 
 
 def test_a_different_base_is_refused_and_the_bundle_left_intact(small_bundle, tiny_models, tmp_path, tokenizer, capsys):
@@ -254,7 +327,7 @@ def test_other_families_round_trip(family, tmp_path, tokenizer):
     assert m.config.model_type == family
     # Random tiny models predict near-uniform distributions, so top-1 agreement is noisy here;
     # the KL to the expert is the meaningful check.
-    assert Bundle.open(out).experts["e"]["quality"]["kl"] < 0.01
+    assert Bundle.open(out).experts["e"]["quality"]["kl"] < KL_FRACTION_OF_BASE * expert_vs_base(bdir, edir)["kl"]
 
 
 def test_expert_with_added_tokens_stores_new_rows_whole(tmp_path, tokenizer):
@@ -287,6 +360,7 @@ def test_models_can_run_in_bfloat16_for_calibration_tuning_and_quality(tiny_mode
     assert compress("--base", tiny_models["base"], "--expert", f"math={tiny_models['math']}", "--out", out,
                     "--model-dtype", "bfloat16", "--tune-steps", 6) == 0
     e = Bundle.open(out).experts["math"]
-    assert e["quality"]["kl"] < 0.1 and e["tuning"]["steps"] == 6
+    gap = expert_vs_base(tiny_models["base"], tiny_models["math"])["kl"]
+    assert e["quality"]["kl"] < KL_FRACTION_OF_BASE * gap and e["tuning"]["steps"] == 6
     assert e["dtype"] == "bfloat16"
     assert main(["materialize", str(out), "math", "--out", str(tmp_path / "m")]) == 0

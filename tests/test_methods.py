@@ -60,7 +60,9 @@ def test_activation_weighting_lowers_output_error():
     s = (x * x).sum(0)
     weighted = quantize_matrix(delta, 2, salient_k=0, col_weight=s)
     plain = quantize_matrix(delta, 2, salient_k=0)
-    assert output_error(x, delta, weighted.dequantize()) <= output_error(x, delta, plain.dequantize())
+    # The clipping search weighted by the input channels' second moments trades error on the
+    # quiet channels for error on the loud ones (measured: 0.66x the unweighted output error).
+    assert output_error(x, delta, weighted.dequantize()) < 0.8 * output_error(x, delta, plain.dequantize())
 
 
 def test_bitdelta_is_sign_times_one_scale():
@@ -127,12 +129,65 @@ def test_tunable_layer_starts_at_the_stored_reconstruction(method):
     delta = 0.01 * torch.randn(32, 48)
     spec = CompressionSpec(method=method, bits=2, salient=3, group_size=16)
     q = compress_matrix(delta, spec, col_weight=torch.rand(48))
-    layer = TunableDeltaLinear(linear, linear.weight.detach(), q)
+    base_weight = linear.weight.detach().clone()
+    layer = TunableDeltaLinear(linear, base_weight, q)
     x = torch.randn(5, 48)
-    want = nn.functional.linear(x, apply_delta(linear.weight.detach(), q, torch.float32), linear.bias)
+    want = nn.functional.linear(x, apply_delta(base_weight, q, torch.float32), linear.bias)
     assert torch.allclose(layer(x), want, atol=1e-6)
-    # Gradients reach exactly the step sizes and offsets.
-    layer(x).sum().backward()
-    assert layer.scale_mult.grad is not None and layer.offset_shift.grad is not None
     p = layer.current_params()
     assert torch.equal(p.scale, q.params.scale) and torch.equal(p.offset, q.params.offset)
+
+    # Only the step sizes and offsets are trainable; the base weight and bias are frozen buffers.
+    assert [n for n, t in layer.named_parameters() if t.requires_grad] == ["scale_mult", "offset_shift"]
+    with torch.no_grad():  # away from the starting point, so that no gradient is zero by symmetry
+        layer.scale_mult.mul_(1.1)
+        layer.offset_shift.add_(0.1)
+    x.requires_grad_(True)
+    (layer(x) ** 2).sum().backward()
+    grads = layer.scale_mult.grad.clone(), layer.offset_shift.grad.clone(), x.grad.clone()
+    assert all(g.abs().min() > 0 for g in grads[:2])  # every step size and offset gets a gradient
+    assert torch.equal(layer.base_q, base_weight[:, q.quantized_columns()]) and layer.base_q.grad is None
+    # The hand-written backward (which keeps no weight-sized tensors) equals autograd's.
+    layer.scale_mult.grad = layer.offset_shift.grad = x.grad = None
+    w = base_weight + layer.delta()  # differentiable in scale_mult and offset_shift
+    (nn.functional.linear(x, w, layer.bias) ** 2).sum().backward()
+    for got, ref in zip(grads, (layer.scale_mult.grad, layer.offset_shift.grad, x.grad)):
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", [CompressionSpec(bits=2, salient=4), CompressionSpec(bits=3, salient=2, group_size=32),
+                                  CompressionSpec(method="rtn", bits=2), CompressionSpec(method="bitdelta")])
+def test_quantizing_chunk_by_chunk_gives_the_same_result(spec):
+    """Huge tensors (embeddings, LM heads) are quantized a few rows at a time: same codes,
+    step sizes and salient channels as in one piece."""
+    from meswitch.compression.methods import DeltaRows
+
+    delta, x, _ = delta_with_outliers(out=96)
+    s = (x * x).sum(0)
+    whole = compress_matrix(delta, spec, s)
+    chunked = compress_matrix(DeltaRows.of(delta, chunk_elements=7 * 256), spec, s)  # 7 rows at a time
+    assert torch.equal(whole.packed, chunked.packed) and torch.equal(whole.salient_idx, chunked.salient_idx)
+    assert torch.equal(whole.params.scale, chunked.params.scale) and torch.equal(whole.params.offset, chunked.params.offset)
+    assert torch.equal(whole.salient_values, chunked.salient_values)
+
+
+def test_lossless_dense_delta_chunk_by_chunk_and_rebuilt_by_rows():
+    from meswitch.compression.delta import apply_delta_rows
+    from meswitch.compression.methods import DeltaRows, dense_rows
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(40, 24, generator=g).bfloat16()
+    expert = (base.float() + 0.01 * torch.randn(40, 24, generator=g)).bfloat16()
+    expert[3, 5] = expert[31, 0] = 1e-7  # patched elements in two different chunks
+    delta = expert.float() - base.float()
+    rows = DeltaRows((40, 24), lambda a, b: delta[a:b], 5 * 24, lambda a, b: (base[a:b], expert[a:b]))
+    d = dense_rows(rows)
+    want = dense_delta(delta, base, expert)
+    assert torch.equal(d.values, want.values) and torch.equal(d.patch_index, want.patch_index)
+    assert torch.equal(apply_delta(base, d, torch.bfloat16), expert)
+    d.extra_rows = torch.randn(3, 24).bfloat16()
+    whole = apply_delta(base, d, torch.bfloat16)
+    for a, b in [(0, 7), (3, 32), (38, 43), (40, 43)]:  # across the patches and into the added rows
+        assert torch.equal(apply_delta_rows(base[a:min(b, 40)], d, a, b, torch.bfloat16), whole[a:b])
+    q = compress_matrix(delta, CompressionSpec(bits=2, salient=2))
+    assert torch.equal(apply_delta_rows(base[5:17], q, 5, 17, torch.float32), apply_delta(base, q, torch.float32)[5:17])

@@ -63,6 +63,9 @@ def test_gguf_reads_like_its_conversion(smol):
     assert len(c.weight_names()) == 272  # 30 layers x 9 + embeddings + final norm
     for name in ("model.embed_tokens.weight", "model.layers.7.self_attn.k_proj.weight"):
         assert torch.equal(g.get(name).to(torch.bfloat16), c.get(name))
+    # Rows of the (quantized) embedding are dequantized alone, as the layer-by-layer compression reads them.
+    rows = g.get_rows("model.embed_tokens.weight", 1000, 1040)
+    assert rows.shape == (40, 576) and torch.equal(rows.to(torch.bfloat16), c.get("model.embed_tokens.weight")[1000:1040])
 
 
 def test_smollm2_expert_compresses_and_materializes(smol, smol_bundle):

@@ -41,6 +41,7 @@ from ..compression.packing import SUPPORTED_BITS, packed_row_bytes
 from ..compression.quantizer import num_groups
 from ..files import (durable_replace, fsync_tree, is_temp_name, remove_path, temp_is_abandoned,
                      temp_path, write_text_atomic)
+from ..tensorfile import write_safetensors
 
 FORMAT_NAME = "meswitch-bundle"
 FORMAT_VERSION = 1
@@ -93,10 +94,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
-    """safetensors.save_file, then the permissions any other new file gets (it writes 0600),
-    so that a server running as another user can read a bundle or a materialized expert."""
-    save_file(tensors, path, metadata=metadata)
+def save_safetensors(tensors, path: Path, metadata: dict[str, str]) -> None:
+    """safetensors.save_file (or, for a TensorSource that does not fit in memory at once,
+    tensorfile.write_safetensors), then the permissions any other new file gets (the library
+    writes 0600), so that a server running as another user can read a bundle or a materialized expert."""
+    if isinstance(tensors, dict):
+        save_file(tensors, path, metadata=metadata)
+    else:
+        write_safetensors(path, tensors, metadata)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
@@ -274,6 +279,67 @@ def check_layout_record(tname: str, record, header: Callable[[str], tuple[str, t
                           f"{list(base_shape)}")
 
 
+class DeltaFile:
+    """An expert's delta file (experts/<name>-<hash>.safetensors), read one tensor at a time:
+    `layout` maps each model tensor to its layout record. Its header is checked on opening (format,
+    base fingerprint, every layout record against docs/FORMAT.md and against `base_shapes` when
+    set) before any tensor is read. Errors are prefixed with `label`."""
+
+    def __init__(self, path: Path, base_fingerprint: str, base_shapes: dict[str, tuple[int, ...]] | None = None,
+                 label: str | None = None):
+        self.path, self.label = path, label or str(path)
+        try:
+            self._file = safe_open(path, framework="pt")
+            meta = self._file.metadata() or {}
+            if meta.get("format") != DELTA_FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
+                raise BundleError(f"not a version-{FORMAT_VERSION} {DELTA_FORMAT} file")
+            if meta.get("base_fingerprint") != base_fingerprint:
+                raise BundleError("computed against another base than this bundle's")
+            try:
+                layout = json.loads(meta.get("tensors", ""))
+            except json.JSONDecodeError as e:
+                raise BundleError(f"the tensor layout in its header is not JSON ({e})") from e
+            if not isinstance(layout, dict):
+                raise BundleError("the tensor layout in its header is not an object")
+            self._keys = set(self._file.keys())
+            for tname, record in layout.items():
+                if base_shapes is not None and tname not in base_shapes:
+                    raise BundleError(f"{tname}: the base has no tensor of that name")
+                check_layout_record(tname, record, self._header, None if base_shapes is None else base_shapes[tname])
+            self.layout: dict[str, dict] = layout
+        except BundleError as e:
+            raise BundleError(f"{self.label}: {e}") from e
+        except Exception as e:  # safetensors / json errors on a damaged file
+            raise BundleError(f"{self.label}: cannot read the compressed expert ({e})") from e
+
+    def _header(self, key: str) -> tuple[str, tuple[int, ...]] | None:
+        if key not in self._keys:
+            return None
+        s = self._file.get_slice(key)
+        return s.get_dtype(), tuple(s.get_shape())
+
+    def _tensor(self, key: str, default=...):
+        if key not in self._keys:
+            if default is not ...:
+                return default
+            raise BundleError(f"tensor {key} is missing")
+        return self._file.get_tensor(key)
+
+    def get(self, tname: str) -> CompressedDelta:
+        try:
+            return delta_from_tensors(tname, self.layout[tname], self._tensor)
+        except BundleError as e:
+            raise BundleError(f"{self.label}: {e}") from e
+        except Exception as e:  # safetensors / torch errors on a damaged file
+            raise BundleError(f"{self.label}: cannot read the compressed expert ({e})") from e
+
+    def rows(self, tname: str) -> int:
+        """Rows of the rebuilt tensor: the base's, plus any the expert added to its vocabulary."""
+        extra = f"{tname}.extra_rows"
+        added = self._file.get_slice(extra).get_shape()[0] if extra in self._keys else 0
+        return int(self.layout[tname]["shape"][0]) + int(added)
+
+
 @dataclass
 class Bundle:
     path: Path
@@ -388,17 +454,30 @@ class Bundle:
 
     # ----- reading -------------------------------------------------------------------------
     def load_deltas(self, name: str, verify: bool = True) -> dict[str, CompressedDelta]:
-        """The expert's compressed deltas. The header is checked against docs/FORMAT.md (and
-        against `base_shapes` when set) before any tensor is read. If the files were replaced by
-        another writer since this manifest was read, the manifest is re-read once."""
+        """The expert's compressed deltas, all in memory (see open_deltas)."""
+        return self._retry_once(lambda: self._read_all(self._open_deltas(name, verify)))
+
+    def open_deltas(self, name: str, verify: bool = True) -> DeltaFile:
+        """The expert's deltas, read one tensor at a time (for writers that must not hold them all).
+        The header is checked against docs/FORMAT.md (and against `base_shapes` when set) before
+        any tensor is read."""
+        return self._retry_once(lambda: self._open_deltas(name, verify))
+
+    @staticmethod
+    def _read_all(deltas: DeltaFile) -> dict[str, CompressedDelta]:
+        return {tname: deltas.get(tname) for tname in deltas.layout}
+
+    def _retry_once(self, read: Callable):
+        """read(); if the files were replaced by another writer since this manifest was read, the
+        manifest is re-read and read() tried once more."""
         try:
-            return self._load_deltas(name, verify)
+            return read()
         except BundleError:
             if self.refresh():
-                return self._load_deltas(name, verify)
+                return read()
             raise
 
-    def _load_deltas(self, name: str, verify: bool) -> dict[str, CompressedDelta]:
+    def _open_deltas(self, name: str, verify: bool) -> DeltaFile:
         entry = self.entry(name)
         rel = entry.get("weights")
         if not rel:
@@ -408,45 +487,7 @@ class Bundle:
         f = self.resolve(rel)
         if not f.is_file():
             raise BundleError(f"expert {name!r}: file {rel} is missing from bundle {self.path}")
-        try:
-            with safe_open(f, framework="pt") as sf:
-                meta = sf.metadata() or {}
-                if meta.get("format") != DELTA_FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
-                    raise BundleError(f"not a version-{FORMAT_VERSION} {DELTA_FORMAT} file")
-                if meta.get("base_fingerprint") != self.base_fingerprint:
-                    raise BundleError("computed against another base than this bundle's")
-                try:
-                    layout = json.loads(meta.get("tensors", ""))
-                except json.JSONDecodeError as e:
-                    raise BundleError(f"the tensor layout in its header is not JSON ({e})") from e
-                if not isinstance(layout, dict):
-                    raise BundleError("the tensor layout in its header is not an object")
-                keys = set(sf.keys())
-
-                def header(key):
-                    if key not in keys:
-                        return None
-                    s = sf.get_slice(key)
-                    return s.get_dtype(), tuple(s.get_shape())
-
-                shapes = self.base_shapes
-                for tname, record in layout.items():
-                    if shapes is not None and tname not in shapes:
-                        raise BundleError(f"{tname}: the base has no tensor of that name")
-                    check_layout_record(tname, record, header, None if shapes is None else shapes[tname])
-
-                def get(key, default=...):
-                    if key not in keys:
-                        if default is not ...:
-                            return default
-                        raise BundleError(f"tensor {key} is missing")
-                    return sf.get_tensor(key)
-
-                return {tname: delta_from_tensors(tname, tmeta, get) for tname, tmeta in layout.items()}
-        except BundleError as e:
-            raise BundleError(f"expert {name!r}: {rel}: {e}") from e
-        except Exception as e:  # safetensors / torch errors on a damaged file
-            raise BundleError(f"expert {name!r}: {rel}: cannot read the compressed expert ({e})") from e
+        return DeltaFile(f, self.base_fingerprint, self.base_shapes, f"expert {name!r}: {rel}")
 
     def aux_dir(self, name: str) -> Path:
         return self.resolve(self.entry(name)["aux_dir"])
@@ -584,18 +625,22 @@ class Bundle:
             ts, meta = d.to_tensors(tname)
             tensors.update({k: v.contiguous() for k, v in ts.items()})
             layout[tname] = meta
-        metadata = {
+        return self.stage_raw(name, tensors, self.delta_metadata(name, layout), save_aux)
+
+    def delta_metadata(self, name: str, layout: dict[str, dict]) -> dict[str, str]:
+        """The __metadata__ of an expert's delta file (docs/FORMAT.md)."""
+        return {
             "format": DELTA_FORMAT,
             "format_version": str(FORMAT_VERSION),
             "expert": name,
             "base_fingerprint": self.base_fingerprint,
             "tensors": json.dumps(layout, separators=(",", ":")),
         }
-        return self.stage_raw(name, tensors, metadata, save_aux)
 
-    def stage_raw(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], save_aux) -> dict:
-        """stage_expert for tensors already in file form (an expert copied from another bundle).
-        The files get their final, content-derived names at commit()."""
+    def stage_raw(self, name: str, tensors, metadata: dict[str, str], save_aux) -> dict:
+        """stage_expert for tensors already in file form: a dict (an expert copied from another
+        bundle), or a tensorfile.TensorSource read one tensor at a time (a large expert
+        compressed layer by layer). The files get their final, content-derived names at commit()."""
         check_expert_name(name)
         if metadata.get("base_fingerprint") != self.base_fingerprint:
             raise BundleError(f"expert {name!r} was computed against another base than bundle {self.path}'s")

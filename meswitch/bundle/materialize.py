@@ -7,6 +7,7 @@ Plain `transformers.AutoModelForCausalLM.from_pretrained(out)` loads the result.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -14,15 +15,28 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoints import DTYPES, Checkpoint, fingerprint
-from ..compression.delta import apply_delta
+from ..compression.delta import apply_delta_rows
 from ..files import check_output_dir, replace_dir, temp_path
-from .format import EXAMPLES_FILE, Bundle, BundleError, save_safetensors
+from .format import EXAMPLES_FILE, Bundle, BundleError, DeltaFile, save_safetensors
 
 SHARD_BYTES = 2 << 30
+REBUILD_CHUNK_ELEMENTS = 1 << 22
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def rebuild(base: Checkpoint, tname: str, delta, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """apply_delta of one tensor, a chunk of rows at a time (the same arithmetic per element)."""
+    bname = base.resolve(tname)
+    rows = base.shape(bname)[0]
+    out = torch.empty(shape, dtype=dtype)
+    step = max(1, REBUILD_CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+    for a in range(0, shape[0], step):
+        b = min(shape[0], a + step)
+        out[a:b] = apply_delta_rows(base.get_rows(bname, a, min(b, rows)), delta, a, b, dtype)
+    return out
 
 
 def materialize(bundle: Bundle, name: str, base: Checkpoint, out: str | Path, progress: bool = True,
@@ -36,7 +50,7 @@ def materialize(bundle: Bundle, name: str, base: Checkpoint, out: str | Path, pr
     entry = bundle.entry(name)
     fp = base_fingerprint or fingerprint(base, progress)
     bundle.check_base_fingerprint(fp, base.reference)
-    deltas = bundle.load_deltas(name)
+    deltas = bundle.open_deltas(name)
     dtype = dtype or DTYPES.get(entry.get("dtype", "bfloat16"))
     if dtype is None:
         raise BundleError(f"expert {name!r}: unknown dtype {entry.get('dtype')!r} in manifest")
@@ -53,30 +67,40 @@ def materialize(bundle: Bundle, name: str, base: Checkpoint, out: str | Path, pr
     return out
 
 
-def _write_checkpoint(bundle: Bundle, name: str, base: Checkpoint, deltas: dict, dtype: torch.dtype, tmp: Path,
+def _write_checkpoint(bundle: Bundle, name: str, base: Checkpoint, deltas: DeltaFile, dtype: torch.dtype, tmp: Path,
                       progress: bool) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    item = torch.empty(0, dtype=dtype).element_size()
+    shapes = {t: (deltas.rows(t), *deltas.layout[t]["shape"][1:]) for t in sorted(deltas.layout)}
+    shards: list[list[str]] = [[]]
     size = 0
-    weight_map: dict[str, str] = {}
-    filenames: list[str] = []
-
-    def flush():
-        fname = f"model-{len(filenames) + 1:05d}.safetensors"
-        save_safetensors(shards[-1], tmp / fname, metadata={"format": "pt"})
-        filenames.append(fname)
-        for k in shards[-1]:
-            weight_map[k] = fname
-        shards[-1] = {}
-
-    for tname in tqdm(sorted(deltas), desc=f"materialize {name}", disable=not progress, leave=False):
-        w = apply_delta(base.get_for(tname), deltas[tname], dtype).contiguous()
-        nbytes = w.numel() * w.element_size()
+    for tname, shape in shapes.items():
+        nbytes = math.prod(shape) * item
         if shards[-1] and size + nbytes > SHARD_BYTES:
-            flush()
+            shards.append([])
             size = 0
-        shards[-1][tname] = w
+        shards[-1].append(tname)
         size += nbytes
-    flush()
+
+    class Rebuilt:  # the shard's tensors, each rebuilt when the writer reaches it
+        def __init__(self, names):
+            self.names = names
+
+        def specs(self):
+            return [(t, dtype, shapes[t]) for t in self.names]
+
+        def get(self, tname):
+            return rebuild(base, tname, deltas.get(tname), shapes[tname], dtype)
+
+    filenames: list[str] = []
+    weight_map: dict[str, str] = {}
+    bar = tqdm(total=len(shapes), desc=f"materialize {name}", disable=not progress, leave=False)
+    for names in shards:
+        fname = f"model-{len(filenames) + 1:05d}.safetensors"
+        save_safetensors(Rebuilt(names), tmp / fname, metadata={"format": "pt"})
+        filenames.append(fname)
+        weight_map.update({t: fname for t in names})
+        bar.update(len(names))
+    bar.close()
 
     if len(filenames) == 1:
         (tmp / filenames[0]).rename(tmp / "model.safetensors")

@@ -43,7 +43,7 @@ class QuantizedDelta:
         return self.shape[1] - self.salient_idx.numel()
 
     def quantized_columns(self) -> torch.Tensor:
-        keep = torch.ones(self.shape[1], dtype=torch.bool, device=self.packed.device)
+        keep = torch.ones(self.shape[1], dtype=torch.bool)
         keep[self.salient_idx.long()] = False
         return keep.nonzero().squeeze(1)
 
@@ -60,13 +60,21 @@ class QuantizedDelta:
 
     def dequantize(self) -> torch.Tensor:
         """The reconstructed delta of the base rows, float32 [out, in]."""
-        out, cols = self.shape
-        delta = torch.empty(out, cols, dtype=torch.float32, device=self.packed.device)
+        return self.dequantize_rows(0, self.shape[0])
+
+    def dequantize_rows(self, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) of the reconstructed delta, float32 (each row is packed on its own)."""
+        b = min(b, self.shape[0])
+        cols = self.shape[1]
+        delta = torch.empty(b - a, cols, dtype=torch.float32, device=self.packed.device)
         if self.n_quantized_cols:
-            # scale/offset of shape [1, groups] (one per matrix) broadcast over the rows.
-            delta[:, self.quantized_columns()] = dequantize_codes(self.codes(), self.params)
+            p = self.params
+            if p.scale.shape[0] != 1:  # [1, groups]: one step size per matrix, broadcast over rows
+                p = AffineParams(p.scale[a:b], p.offset[a:b], p.group_size)
+            codes = unpack_codes(self.packed[a:b], self.bits, self.n_quantized_cols)
+            delta[:, self.quantized_columns()] = dequantize_codes(codes, p)
         if self.salient_idx.numel():
-            delta[:, self.salient_idx.long()] = self.salient_values.float()
+            delta[:, self.salient_idx.long()] = self.salient_values[a:b].float()
         return delta
 
     @property
@@ -148,6 +156,9 @@ class DenseDelta:
     def dequantize(self) -> torch.Tensor:
         return self.values.float()
 
+    def dequantize_rows(self, a: int, b: int) -> torch.Tensor:
+        return self.values[a:b].float()
+
     @property
     def nbytes(self) -> int:
         return sum(_nbytes(t) for t in (self.values, self.extra_rows, self.patch_index, self.patch_values))
@@ -195,12 +206,27 @@ def apply_delta(base: torch.Tensor, delta: CompressedDelta, dtype: torch.dtype) 
     """W_expert ~= W_base + delta, cast to `dtype`; added vocabulary rows are appended."""
     if tuple(base.shape) != tuple(delta.shape):
         raise ValueError(f"delta of shape {tuple(delta.shape)} does not fit a base tensor of shape {tuple(base.shape)}")
-    w = (base.float() + delta.dequantize()).to(dtype)
-    if isinstance(delta, DenseDelta) and delta.patch_index is not None:
-        w.view(-1)[delta.patch_index.long()] = delta.patch_values.to(dtype)
-    if delta.extra_rows is not None:
-        w = torch.cat([w, delta.extra_rows.to(dtype)], dim=0)
-    return w
+    extra = 0 if delta.extra_rows is None else delta.extra_rows.shape[0]
+    return apply_delta_rows(base, delta, 0, base.shape[0] + extra, dtype)
+
+
+def apply_delta_rows(base_rows: torch.Tensor, delta: CompressedDelta, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows [a, b) of apply_delta, given the base's rows [a, min(b, base rows)): the same
+    arithmetic, element for element, so a tensor rebuilt in chunks equals one rebuilt whole."""
+    rows = delta.shape[0]
+    parts = []
+    if a < rows:
+        stop = min(b, rows)
+        w = (base_rows.float() + delta.dequantize_rows(a, stop).reshape(base_rows.shape)).to(dtype)
+        if isinstance(delta, DenseDelta) and delta.patch_index is not None:
+            per_row = w[0].numel() if w.dim() > 1 else 1
+            idx = delta.patch_index.long()
+            inside = (idx >= a * per_row) & (idx < stop * per_row)
+            w.view(-1)[idx[inside] - a * per_row] = delta.patch_values[inside].to(dtype)
+        parts.append(w)
+    if b > rows and delta.extra_rows is not None:
+        parts.append(delta.extra_rows[max(a, rows) - rows: b - rows].to(dtype))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
 def delta_to(delta: CompressedDelta, device: torch.device | str) -> CompressedDelta:

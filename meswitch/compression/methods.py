@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -64,68 +65,114 @@ class CompressionSpec:
         return d
 
 
-def channel_errors(delta: torch.Tensor, bits: int, group_size: int, col_weight: torch.Tensor | None) -> torch.Tensor:
-    """E_i = s_i * ||delta[:, i] - Q(delta)[:, i]||^2 for every input channel i."""
-    p = fit_affine(delta, bits, group_size, col_weight)
-    err = ((dequantize_codes(quantize_codes(delta, p, bits), p) - delta) ** 2).sum(dim=0)
-    s = torch.ones(delta.shape[1], device=delta.device) if col_weight is None else col_weight.float()
+# A delta is quantized CHUNK_ELEMENTS at a time (ranges of whole rows: every step size and
+# offset belongs to one row), so the working set stays at about six times 16 MiB whatever the
+# tensor: a 152k x 3584 embedding needs no more memory than a 4k x 4k projection.
+CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class DeltaRows:
+    """A 2-D delta read by ranges of rows: `read(a, b)` returns rows [a, b) in float32, from a
+    tensor in memory or lazily from base and expert checkpoints. `pair(a, b)` (lossless fp16
+    only) returns the same rows of base and expert as stored."""
+
+    shape: tuple[int, int]
+    read: Callable[[int, int], torch.Tensor]
+    chunk_elements: int = CHUNK_ELEMENTS
+    pair: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @classmethod
+    def of(cls, delta: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> "DeltaRows":
+        return cls(tuple(delta.shape), lambda a, b: delta[a:b].float(), chunk_elements)
+
+    def chunks(self):
+        """(first row, rows) for each chunk, in order."""
+        rows, cols = self.shape
+        step = max(1, self.chunk_elements // max(cols, 1))
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            yield a, self.read(a, b)
+
+
+def _rows(delta) -> DeltaRows:
+    return delta if isinstance(delta, DeltaRows) else DeltaRows.of(delta)
+
+
+def channel_errors(delta, bits: int, group_size: int, col_weight: torch.Tensor | None) -> torch.Tensor:
+    """E_i = s_i * ||delta[:, i] - Q(delta)[:, i]||^2 for every input channel i (each row
+    quantized with its own fitted step size, chunk by chunk)."""
+    rows = _rows(delta)
+    err = None
+    for _, d in rows.chunks():
+        p = fit_affine(d, bits, group_size, col_weight)
+        e = ((dequantize_codes(quantize_codes(d, p, bits), p) - d) ** 2).sum(dim=0)
+        err = e if err is None else err + e
+    s = torch.ones_like(err) if col_weight is None else col_weight.to(err.device, torch.float32)
     return s * err
 
 
-def select_salient(
-    delta: torch.Tensor, bits: int, k: int, group_size: int = 0, col_weight: torch.Tensor | None = None
-) -> torch.Tensor:
+def select_salient(delta, bits: int, k: int, group_size: int = 0, col_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Indices (sorted, int32) of the k input channels with the largest output error."""
     if k <= 0:
-        return torch.zeros(0, dtype=torch.int32, device=delta.device)
+        return torch.zeros(0, dtype=torch.int32)
     scores = channel_errors(delta, bits, group_size, col_weight)
-    return torch.topk(scores, k).indices.sort().values.to(torch.int32)
+    return torch.topk(scores, k).indices.sort().values.cpu().to(torch.int32)
 
 
 def quantize_matrix(
-    delta: torch.Tensor,
+    delta,
     bits: int,
     group_size: int = 0,
     salient_k: int = 0,
     col_weight: torch.Tensor | None = None,
 ) -> QuantizedDelta:
-    """Mixed-precision quantization of a 2-D delta (salient_k = 0 gives plain RTN)."""
-    delta = delta.float()
-    out, cols = delta.shape
-    idx = select_salient(delta, bits, salient_k, group_size, col_weight)
-    keep = torch.ones(cols, dtype=torch.bool, device=delta.device)
+    """Mixed-precision quantization of a 2-D delta (a tensor or DeltaRows; salient_k = 0 gives
+    plain RTN). Rows are independent, so quantizing chunk by chunk gives the same codes."""
+    rows = _rows(delta)
+    out, cols = rows.shape
+    idx = select_salient(rows, bits, salient_k, group_size, col_weight)
+    keep = torch.ones(cols, dtype=torch.bool)
     keep[idx.long()] = False
-    rest = delta[:, keep]
     w = None if col_weight is None else col_weight.float()[keep]
-    params = fit_affine(rest, bits, group_size, w)
-    codes = quantize_codes(rest, params, bits)
+    packed, scales, offsets, salient = [], [], [], []
+    group = 0
+    for _, d in rows.chunks():
+        rest = d[:, keep.to(d.device)]
+        params = fit_affine(rest, bits, group_size, w)
+        group = params.group_size
+        packed.append(pack_codes(quantize_codes(rest, params, bits), bits))
+        scales.append(params.scale.cpu())
+        offsets.append(params.offset.cpu())
+        salient.append(d[:, idx.long().to(d.device)].to(VALUE_DTYPE).cpu())
     return QuantizedDelta(
         shape=(out, cols),
         bits=bits,
-        packed=pack_codes(codes, bits),
-        params=params,
+        packed=torch.cat(packed),
+        params=AffineParams(torch.cat(scales), torch.cat(offsets), group),
         salient_idx=idx,
-        salient_values=delta[:, idx.long()].to(VALUE_DTYPE).contiguous(),
+        salient_values=torch.cat(salient).contiguous(),
     )
 
 
-def bitdelta_matrix(delta: torch.Tensor) -> QuantizedDelta:
+def bitdelta_matrix(delta) -> QuantizedDelta:
     """sign(delta) * alpha with alpha = mean |delta|, written as a 1-bit code with one
     step size (2 alpha) and one offset (-alpha) for the whole matrix."""
-    delta = delta.float()
-    out, cols = delta.shape
-    alpha = delta.abs().mean().to(VALUE_DTYPE).float()
+    rows = _rows(delta)
+    out, cols = rows.shape
+    total = sum(float(d.abs().sum(dtype=torch.float64)) for _, d in rows.chunks())
+    alpha = torch.tensor(total / (out * cols)).to(VALUE_DTYPE).float()
     params = AffineParams(
         scale=(2 * alpha).reshape(1, 1).to(VALUE_DTYPE), offset=(-alpha).reshape(1, 1).to(VALUE_DTYPE), group_size=0
     )
-    codes = (delta > 0).to(torch.uint8)
+    packed = torch.cat([pack_codes((d > 0).to(torch.uint8), 1) for _, d in rows.chunks()])
     return QuantizedDelta(
         shape=(out, cols),
         bits=1,
-        packed=pack_codes(codes, 1),
+        packed=packed,
         params=params,
-        salient_idx=torch.zeros(0, dtype=torch.int32, device=delta.device),
-        salient_values=torch.zeros(out, 0, dtype=VALUE_DTYPE, device=delta.device),
+        salient_idx=torch.zeros(0, dtype=torch.int32),
+        salient_values=torch.zeros(out, 0, dtype=VALUE_DTYPE),
     )
 
 
@@ -136,34 +183,65 @@ def dense_delta(
     expert exactly in its own dtype: the elements float16 misses (tiny weights, weights that
     moved across many binades) are stored as exact patches; if they are many, the delta is
     stored in float32 instead, with patches for whatever float32 still misses."""
-    values = delta.to(VALUE_DTYPE).contiguous()
     if base is None or expert is None:
-        return DenseDelta(values)
-    wrong = ((base.float() + values.float()).to(expert.dtype) != expert).reshape(-1)
+        return DenseDelta(delta.to(VALUE_DTYPE).contiguous())
+    flat = delta.reshape(1, -1)
+    return dense_rows(DeltaRows((1, flat.shape[1]), lambda a, b: flat.float(), 1 << 62,
+                                lambda a, b: (base.reshape(1, -1), expert.reshape(1, -1))), delta.shape)
+
+
+def _misses(base: torch.Tensor, values: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """Flat mask of the elements where base + values, in the expert's dtype, is not the expert."""
+    return ((base.float() + values.float()).to(expert.dtype) != expert).reshape(-1)
+
+
+def dense_rows(rows: DeltaRows, shape: tuple[int, ...] | None = None) -> DenseDelta:
+    """dense_delta chunk by chunk (lossless when rows.pair gives base and expert rows)."""
+    shape = tuple(shape or rows.shape)
+    if rows.pair is None:
+        return DenseDelta(torch.cat([d.to(VALUE_DTYPE).cpu() for _, d in rows.chunks()]).reshape(shape))
     # A patch costs an int32 index and a 16-bit value (6 bytes); float32 values cost 2 bytes
     # more per element than float16: past a third of the elements, float32 is cheaper.
-    if int(wrong.sum()) * 3 > wrong.numel():
-        values = delta.float().contiguous()
-        wrong = ((base.float() + values).to(expert.dtype) != expert).reshape(-1)
-    if not wrong.any():
-        return DenseDelta(values)
-    idx = wrong.nonzero().squeeze(1).to(torch.int32 if wrong.numel() < 2**31 else torch.int64)
-    return DenseDelta(values, patch_index=idx, patch_values=expert.reshape(-1)[idx.long()].contiguous())
+    numel = rows.shape[0] * rows.shape[1]
+    wrong16 = 0
+    for a, d in rows.chunks():
+        b, e = rows.pair(a, a + d.shape[0])
+        wrong16 += int(_misses(b, d.to(VALUE_DTYPE).cpu(), e).sum())
+    value_dtype = torch.float32 if wrong16 * 3 > numel else VALUE_DTYPE
+    index_dtype = torch.int32 if numel < 2**31 else torch.int64
+    values, idx, patch = [], [], []
+    for a, d in rows.chunks():
+        b, e = rows.pair(a, a + d.shape[0])
+        v = d.to(value_dtype).cpu()
+        wrong = _misses(b, v, e)
+        values.append(v)
+        if wrong.any():
+            i = wrong.nonzero().squeeze(1)
+            idx.append((i + a * rows.shape[1]).to(index_dtype))
+            patch.append(e.reshape(-1)[i].contiguous())
+    values_t = torch.cat(values).reshape(shape).contiguous()
+    if not idx:
+        return DenseDelta(values_t)
+    return DenseDelta(values_t, patch_index=torch.cat(idx), patch_values=torch.cat(patch))
 
 
 def compress_matrix(
-    delta: torch.Tensor,
+    delta,
     spec: CompressionSpec,
     col_weight: torch.Tensor | None = None,
     base: torch.Tensor | None = None,
     expert: torch.Tensor | None = None,
 ) -> CompressedDelta:
-    """Compress one 2-D delta with the method of `spec`. base/expert are only needed by fp16."""
-    if delta.dim() != 2:
-        raise ValueError(f"compress_matrix expects a 2-D delta, got shape {tuple(delta.shape)}")
+    """Compress one 2-D delta (a tensor, or DeltaRows read chunk by chunk) with the method of
+    `spec`. fp16 needs base and expert (as tensors, or DeltaRows.pair) to be lossless."""
+    rows = _rows(delta)
+    if len(rows.shape) != 2:
+        raise ValueError(f"compress_matrix expects a 2-D delta, got shape {tuple(rows.shape)}")
     if spec.method == "fp16":
-        return dense_delta(delta, base, expert)
+        if base is not None and expert is not None:
+            rows = DeltaRows(rows.shape, rows.read, rows.chunk_elements, lambda a, b: (base[a:b], expert[a:b]))
+        return dense_rows(rows)
     if spec.method == "bitdelta":
-        return bitdelta_matrix(delta)
-    k = spec.salient_count(delta.shape[1])
-    return quantize_matrix(delta, spec.bits, spec.group_size, k, col_weight)
+        return bitdelta_matrix(rows)
+    k = spec.salient_count(rows.shape[1])
+    return quantize_matrix(rows, spec.bits, spec.group_size, k, col_weight)

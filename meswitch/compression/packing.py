@@ -29,19 +29,18 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.dim() != 2:
         raise ValueError(f"expected a 2-D code matrix, got shape {tuple(codes.shape)}")
     rows, cols = codes.shape
-    device = codes.device
-    c = codes.to(torch.int64).cpu()  # packed with numpy on the host (a GPU quantizes, the bits go back)
+    c = codes.cpu().to(torch.int64)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits}-bit packing")
     arr = c.to(torch.uint8).numpy()
     if bits == 8:
-        return torch.from_numpy(arr.copy()).to(device)
+        return torch.from_numpy(arr.copy())
     # [rows, cols, bits] bit planes, little-endian within a code, then one stream per row.
     planes = (arr[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1
     stream = planes.reshape(rows, cols * bits)
     packed = np.packbits(stream, axis=1, bitorder="little")
     assert packed.shape[1] == packed_row_bytes(cols, bits)
-    return torch.from_numpy(packed).to(device)
+    return torch.from_numpy(packed)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ def expand_groups(p: torch.Tensor, n_cols: int, group_size: int) -> torch.Tensor
     return p.repeat_interleave(gs, dim=1)[:, :n_cols]
 
 
-def _grouped(x: torch.Tensor, group_size: int, pad_value: float | None = None) -> torch.Tensor:
+def grouped(x: torch.Tensor, group_size: int, pad_value: float | None = None) -> torch.Tensor:
     """[rows, n] -> [rows, G, gs]. The last group is padded with `pad_value`, or by default with
     copies of its last column (which changes neither its min nor its max)."""
     rows, n = x.shape
@@ -98,13 +98,13 @@ def fit_affine(
     out, n = x.shape
     if n == 0:
         raise ValueError("cannot quantize a matrix with no columns")
-    xg = _grouped(x, group_size)  # [out, G, gs]
+    xg = grouped(x, group_size)  # [out, G, gs]
     if col_weight is None:
         w = torch.ones(n, device=x.device)
     else:
-        w = col_weight.float().clamp_min(0)
+        w = col_weight.to(x.device, torch.float32).clamp_min(0)
         w = w / w.mean().clamp_min(1e-30) if w.sum() > 0 else torch.ones(n, device=x.device)
-    wg = _grouped(w[None, :], group_size, pad_value=0.0)  # [1, G, gs]; padding carries no weight
+    wg = grouped(w[None, :], group_size, pad_value=0.0)  # [1, G, gs]; padding carries no weight
 
     lo0 = xg.amin(dim=-1)
     hi0 = xg.amax(dim=-1)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import Checkpoint
 from .delta import CompressedDelta, QuantizedDelta, apply_delta
-from .quantizer import AffineParams, expand_groups
+from .quantizer import AffineParams, expand_groups, grouped, num_groups
 
 
 def module_name(tensor_name: str) -> str:
@@ -47,17 +47,28 @@ class TunableDeltaLinear(nn.Module):
 
     Step sizes are learned as scale = scale0 * scale_mult and offset = offset0 + scale0 *
     offset_shift, so both parameters start at (1, 0) and are of order one for the optimiser.
-    The base weight is kept in the model's dtype; the weight is assembled in float32 and cast
-    to the input's dtype for the matmul."""
+
+    The weight is kept split by input columns: the quantized columns, W_q = base[:, cols] +
+    codes * scale + offset (rebuilt at each call from the base columns in the model's dtype and
+    the uint8 codes: a few element-wise passes, no scatter), and the salient columns, W_s =
+    base[:, salient] + their 16-bit delta (fixed), so y = x[:, cols] W_q^T + x[:, salient] W_s^T
+    + b. Autograd keeps only the layer's input between forward and backward (`_DeltaLinearFn`
+    rebuilds W_q in backward): tuning holds no weight-sized activations."""
 
     def __init__(self, linear: nn.Linear, base_weight: torch.Tensor, qd: QuantizedDelta):
         super().__init__()
-        self.bias = linear.bias
-        dev = linear.weight.device
-        self.register_buffer("base_weight", base_weight.to(device=dev, dtype=linear.weight.dtype), persistent=False)
+        dev, dtype = linear.weight.device, linear.weight.dtype
+        base = base_weight.to(device=dev)
+        cols, sal = qd.quantized_columns().to(dev), qd.salient_idx.long().to(dev)
+        self.shape = tuple(base.shape)
+        # The bias is frozen: a buffer, not a parameter.
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+        self.register_buffer("base_q", base[:, cols].to(dtype).contiguous(), persistent=False)
+        self.register_buffer("weight_s", (base[:, sal].float() + qd.salient_values.float().to(dev)).to(dtype),
+                             persistent=False)
         self.register_buffer("codes", qd.codes().to(dev), persistent=False)
-        self.register_buffer("cols", qd.quantized_columns().to(dev), persistent=False)
-        self.register_buffer("salient_idx", qd.salient_idx.long().to(dev), persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        self.register_buffer("salient_idx", sal, persistent=False)
         self.register_buffer("salient_values", qd.salient_values.float().to(dev), persistent=False)
         self.register_buffer("scale0", qd.params.scale.float().to(dev), persistent=False)
         self.register_buffer("offset0", qd.params.offset.float().to(dev), persistent=False)
@@ -72,19 +83,124 @@ class TunableDeltaLinear(nn.Module):
         scale = scale.abs().clamp_min(torch.finfo(torch.float16).tiny)
         return AffineParams(scale.to(torch.float16), offset.to(torch.float16), self.group_size)
 
-    def delta(self) -> torch.Tensor:
+    def delta(self, scale_mult: torch.Tensor | None = None, offset_shift: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole delta [out, in] with the current (or given) step sizes: the reference the
+        split computation must equal (and, through autograd, the reference for its gradients)."""
+        scale_mult = self.scale_mult if scale_mult is None else scale_mult
+        offset_shift = self.offset_shift if offset_shift is None else offset_shift
         n = self.codes.shape[1]
-        scale = expand_groups(self.scale0 * self.scale_mult, n, self.group_size)
-        offset = expand_groups(self.offset0 + self.scale0 * self.offset_shift, n, self.group_size)
+        scale = expand_groups(self.scale0 * scale_mult, n, self.group_size)
+        offset = expand_groups(self.offset0 + self.scale0 * offset_shift, n, self.group_size)
         deq = self.codes.float() * scale + offset
-        out, cols = self.base_weight.shape
+        out, cols = self.shape
         d = torch.zeros(out, cols, device=deq.device).index_copy(1, self.cols, deq.expand(out, n))
         if self.salient_idx.numel():
             d = d.index_copy(1, self.salient_idx, self.salient_values)
         return d
 
+    def weight_q(self, dtype: torch.dtype) -> torch.Tensor:
+        """The quantized columns of W_base + delta with the current step sizes, in `dtype`."""
+        with torch.no_grad():
+            n = self.codes.shape[1]
+            scale = expand_groups(self.scale0 * self.scale_mult, n, self.group_size)
+            offset = expand_groups(self.offset0 + self.scale0 * self.offset_shift, n, self.group_size)
+            w = torch.addcmul(offset, self.codes.float(), scale)
+            return w.add_(self.base_q).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, (self.base_weight.float() + self.delta()).to(x.dtype), self.bias)
+        return _DeltaLinearFn.apply(x, self.scale_mult, self.offset_shift, self)
+
+
+class _DeltaLinearFn(torch.autograd.Function):
+    """The linear map of a TunableDeltaLinear, differentiable in its step sizes.
+
+    dL/dW_q = grad_y^T x[:, cols]; W_q[r, c] = base + codes * scale0 * scale_mult + offset0 +
+    scale0 * offset_shift, so dL/dscale_mult[r, g] = scale0[r, g] * sum over c in g of
+    dL/dW_q[r, c] * codes[r, c], and dL/doffset_shift[r, g] = scale0[r, g] * sum over c in g of
+    dL/dW_q[r, c] (summed over rows too when one step size serves them all)."""
+
+    @staticmethod
+    def forward(ctx, x, scale_mult, offset_shift, layer: TunableDeltaLinear):
+        ctx.layer = layer
+        ctx.save_for_backward(x)
+        y = F.linear(x.index_select(-1, layer.cols), layer.weight_q(x.dtype), layer.bias)
+        if layer.salient_idx.numel():
+            y = y + F.linear(x.index_select(-1, layer.salient_idx), layer.weight_s.to(x.dtype))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        layer: TunableDeltaLinear = ctx.layer
+        xq = x.index_select(-1, layer.cols)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.zeros_like(x)
+            grad_x.index_copy_(-1, layer.cols, grad_y @ layer.weight_q(x.dtype))
+            if layer.salient_idx.numel():
+                grad_x.index_copy_(-1, layer.salient_idx, grad_y @ layer.weight_s.to(x.dtype))
+        out, n = layer.codes.shape
+        g = grad_y.reshape(-1, out).float().T @ xq.reshape(-1, n).float()  # dL/dW_q, [out, n]
+        d_offset = _group_sums(g, layer.group_size) * layer.scale0
+        d_scale = _group_sums(g.mul_(layer.codes), layer.group_size) * layer.scale0
+        if layer.scale0.shape[0] == 1:  # one step size per matrix (bitdelta)
+            d_scale, d_offset = d_scale.sum(0, keepdim=True), d_offset.sum(0, keepdim=True)
+        return grad_x, d_scale, d_offset, None
+
+
+def _group_sums(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[rows, n] -> [rows, groups]: sums over each group's columns (one group if group_size is 0)."""
+    if num_groups(x.shape[1], group_size) == 1:
+        return x.sum(dim=1, keepdim=True)
+    return grouped(x, group_size, pad_value=0.0).sum(dim=-1)
+
+
+def wrap_quantized_linears(root: nn.Module, deltas: dict[str, CompressedDelta], base_get, prefix: str = "") -> dict[str, TunableDeltaLinear]:
+    """Replace each nn.Linear of `root` whose weight has a QuantizedDelta by a TunableDeltaLinear.
+    Module names inside `root` get `prefix` to form tensor names (`model.layers.3.` for a layer)."""
+    modules = dict(root.named_modules())
+    wrapped: dict[str, TunableDeltaLinear] = {}
+    for mname, mod in modules.items():
+        d = deltas.get(f"{prefix}{mname}.weight")
+        if not (isinstance(mod, nn.Linear) and isinstance(d, QuantizedDelta) and d.extra_rows is None):
+            continue
+        if mod.weight.shape[0] != d.shape[0]:
+            continue
+        wrapped[mname] = TunableDeltaLinear(mod, base_get(f"{prefix}{mname}.weight"), d)
+        _set_module(root, mname, wrapped[mname])  # at once: the plain weight is freed before the next
+    for p in root.parameters():
+        p.requires_grad_(False)
+    for w in wrapped.values():
+        w.scale_mult.requires_grad_(True)
+        w.offset_shift.requires_grad_(True)
+    return wrapped
+
+
+def unwrap_quantized_linears(root: nn.Module, wrapped: dict[str, TunableDeltaLinear], deltas: dict[str, CompressedDelta],
+                             base_get, weight_dtype: torch.dtype, prefix: str = "") -> None:
+    """Store what was learned (rounded to float16) in `deltas` and put plain linears back, their
+    weights rebuilt from the checkpoint's own base tensor exactly as build_student and
+    materialize make them. Empties `wrapped`."""
+    with torch.no_grad():
+        for mname in list(wrapped):
+            w = wrapped.pop(mname)  # each wrapper (its base weight and codes) goes once replaced
+            name = f"{prefix}{mname}.weight"
+            d = deltas[name]
+            assert isinstance(d, QuantizedDelta)
+            d.params = w.current_params()
+            # A shell on the meta device (no random init), then the rebuilt weight.
+            linear = nn.Linear(w.shape[1], w.shape[0], bias=w.bias is not None, device="meta")
+            rebuilt = apply_delta(base_get(name), d, weight_dtype)
+            linear.weight = nn.Parameter(rebuilt.to(device=w.base_q.device, dtype=w.base_q.dtype), requires_grad=False)
+            if w.bias is not None:
+                linear.bias = nn.Parameter(w.bias, requires_grad=False)
+            _set_module(root, mname, linear)
+            del w
+
+
+def _set_module(root: nn.Module, mname: str, module: nn.Module) -> None:
+    parent_name, _, child = mname.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def _kl_to_teacher(logits: torch.Tensor, teacher_lp: torch.Tensor) -> torch.Tensor:
@@ -119,30 +235,16 @@ def tune_step_sizes(
 
     Updates `deltas` in place (new float16 scale/offset, same codes) and the student's weights.
     Returns {"kl_before", "kl_after", "steps", "tuned_matrices"} (KL on the calibration samples)."""
-    modules = dict(student.named_modules())
-    wrapped: dict[str, TunableDeltaLinear] = {}
-    for name, d in deltas.items():
-        mname = module_name(name)
-        mod = modules.get(mname)
-        if isinstance(d, QuantizedDelta) and isinstance(mod, nn.Linear) and d.extra_rows is None and name.endswith(".weight"):
-            if mod.weight.shape[0] != d.shape[0]:
-                continue
-            wrapped[mname] = TunableDeltaLinear(mod, base.get_for(name), d)
+    wrapped = wrap_quantized_linears(student, deltas, base.get_for)
     if not wrapped:
         return {"steps": 0, "tuned_matrices": 0}
-    for mname, w in wrapped.items():
-        parent_name, _, child = mname.rpartition(".")
-        setattr(modules[parent_name] if parent_name else student, child, w)
-    for p in student.parameters():
-        p.requires_grad_(False)
     params = [p for w in wrapped.values() for p in (w.scale_mult, w.offset_shift)]
-    for p in params:
-        p.requires_grad_(True)
 
     kl_before = mean_kl(student, seqs, teacher)
     opt = torch.optim.Adam(params, lr=lr)
     device = next(student.parameters()).device
     bar = tqdm(range(steps), desc="tune step sizes", disable=not progress, leave=False)
+    logits = loss = None
     for step in bar:
         i = step % len(seqs)
         logits = student(input_ids=seqs[i][None].to(device), use_cache=False).logits[0]
@@ -152,21 +254,8 @@ def tune_step_sizes(
         opt.step()
         bar.set_postfix(kl=f"{loss.item():.4f}")
 
-    # Store what was learned (rounded to float16) and put plain linears back.
-    with torch.no_grad():
-        for mname, w in wrapped.items():
-            name = mname + ".weight"
-            d = deltas[name]
-            assert isinstance(d, QuantizedDelta)
-            d.params = w.current_params()
-            # A shell on the meta device (no random init), then the rebuilt weight from the
-            # checkpoint's own base tensor, exactly as build_student and materialize make it.
-            linear = nn.Linear(w.base_weight.shape[1], w.base_weight.shape[0], bias=w.bias is not None, device="meta")
-            rebuilt = apply_delta(base.get_for(name), d, weight_dtype).to(device=device, dtype=w.base_weight.dtype)
-            linear.weight = nn.Parameter(rebuilt, requires_grad=False)
-            if w.bias is not None:
-                linear.bias = w.bias
-            parent_name, _, child = mname.rpartition(".")
-            setattr(modules[parent_name] if parent_name else student, child, linear)
+    tuned = len(wrapped)
+    del opt, params, logits, loss  # the last step's graph holds the wrappers
+    unwrap_quantized_linears(student, wrapped, deltas, base.get_for, weight_dtype)
     kl_after = mean_kl(student, seqs, teacher)
-    return {"kl_before": kl_before, "kl_after": kl_after, "steps": steps, "tuned_matrices": len(wrapped)}
+    return {"kl_before": kl_before, "kl_after": kl_after, "steps": steps, "tuned_matrices": tuned}
