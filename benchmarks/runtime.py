@@ -451,7 +451,7 @@ def main() -> None:
     name = "runtime" if not args.skip else "runtime_partial"
     (out / f"{name}.md").write_text(markdown(res))
     print(markdown(res))
-    print(f"wrote {out / 'runtime.json'} ({res['seconds']:.0f} s)")
+    print(f"wrote {out / (name + '.json')} ({res['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":
