@@ -139,34 +139,29 @@ def run_child(*extra) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def measure_memory(work: Path, bundles: dict[int, Path], full_dir: Path, base_dir: Path, threads: int,
-                   dtype: str) -> list[dict]:
+def measure_memory(bundles: dict[int, Path], full_dir: Path, threads: int, dtype: str) -> list[dict]:
     from meswitch.bundle.format import Bundle
 
     empty = run_child("--mode", "empty", "--threads", threads)["rss_total"]
-    base_bytes = sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))
     full_bytes = sum(f.stat().st_size for f in full_dir.glob("*.safetensors"))
     rows = []
     for n, bdir in sorted(bundles.items()):
         b = Bundle.open(bdir)
         deltas = sum((bdir / e["weights"]).stat().st_size for e in b.experts.values())
-        ref = base_bytes + deltas
         full = run_child("--mode", "full", "--n", n, "--full", full_dir, "--threads", threads)["rss_total"] - empty
-        if True:
-            r = run_child("--mode", "switch", "--bundle", bdir, "--n", n, "--threads", threads, "--dtype", dtype)
-            resident = r["rss_total"] - empty
-            # the base in the run's dtype: a float32 run holds twice the 16-bit file
-            base_mem = r["base_param_bytes"]
-            ref = base_mem + deltas
-            rows.append({"experts": n, "hot": n, "dtype": r["dtype"], "switch_rss_mib": resident / 2**20,
-                         "switch_rss_without_kv_mib": (resident - r["kv_cache_bytes"]) / 2**20,
-                         "base_plus_deltas_mib": ref / 2**20, "ratio_to_base_plus_deltas": resident / ref,
-                         "full_experts_rss_mib": full / 2**20, "full_experts_file_mib": n * full_bytes / 2**20,
-                         "saving_vs_full": full / resident, "expert_memory_mib": r["expert_memory_bytes"] / 2**20,
-                         "accounted_mib": (r["base_param_bytes"] + r["expert_memory_bytes"]) / 2**20,
-                         "accounted_ratio": (r["base_param_bytes"] + r["expert_memory_bytes"]) / ref})
-            print(f"  memory: {n} experts, all compute-ready: switch {resident / 2**20:.0f} MiB "
-                  f"({resident / ref:.2f}x base+deltas {ref / 2**20:.0f} MiB), full experts {full / 2**20:.0f} MiB", flush=True)
+        r = run_child("--mode", "switch", "--bundle", bdir, "--n", n, "--threads", threads, "--dtype", dtype)
+        resident = r["rss_total"] - empty
+        # the base as held in the run's dtype (a float32 run holds twice the 16-bit file) + the delta files
+        ref = r["base_param_bytes"] + deltas
+        accounted = r["base_param_bytes"] + r["expert_memory_bytes"]
+        rows.append({"experts": n, "hot": n, "dtype": r["dtype"], "switch_rss_mib": resident / 2**20,
+                     "switch_rss_without_kv_mib": (resident - r["kv_cache_bytes"]) / 2**20,
+                     "base_plus_deltas_mib": ref / 2**20, "ratio_to_base_plus_deltas": resident / ref,
+                     "full_experts_rss_mib": full / 2**20, "full_experts_file_mib": n * full_bytes / 2**20,
+                     "saving_vs_full": full / resident, "expert_memory_mib": r["expert_memory_bytes"] / 2**20,
+                     "accounted_mib": accounted / 2**20, "accounted_ratio": accounted / ref})
+        print(f"  memory: {n} experts, all compute-ready: switch {resident / 2**20:.0f} MiB "
+              f"({resident / ref:.2f}x base+deltas {ref / 2**20:.0f} MiB), full experts {full / 2**20:.0f} MiB", flush=True)
     return rows
 
 
@@ -425,8 +420,10 @@ def main() -> None:
     if not (full_dir / "config.json").exists():
         from meswitch.cli import main as cli
 
-        assert cli(["materialize", str(src), "math", "--out", str(full_dir)]) == 0
-    base_dir = work / "base"
+        from meswitch.bundle.format import Bundle
+
+        first = sorted(Bundle.open(src).experts)[0]
+        assert cli(["materialize", str(src), first, "--out", str(full_dir)]) == 0
     from meswitch.hardware import resolve_dtype
 
     res = {"threads": args.threads, "tokens": args.tokens, "machine": f"{os.cpu_count()} CPUs",
@@ -434,7 +431,7 @@ def main() -> None:
     t0 = time.time()
     if "memory" not in args.skip:
         print("resident memory", flush=True)
-        res["memory"] = measure_memory(bench, bundles, full_dir, base_dir, args.threads, args.dtype)
+        res["memory"] = measure_memory(bundles, full_dir, args.threads, args.dtype)
     if "cold" not in args.skip:
         print("cold switch", flush=True)
         res["cold_switch"] = measure_cold_switch(bundles[4], full_dir, args.threads, args.dtype)

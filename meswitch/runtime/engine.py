@@ -179,6 +179,8 @@ class Engine:
             raise UnknownExpertError(f"unknown expert {req.expert!r} (experts: {', '.join(self.store.names) or 'none'})")
         seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
         req.generator = torch.Generator(device=self.device).manual_seed(seed)
+        if req.expert is not None:  # before the engine sees the request: the load starts here, not at its next step
+            self.store.prefetch(req.expert)
         with self._cond:
             if self._stop:
                 raise EngineStoppedError("the engine is stopped")
@@ -186,8 +188,6 @@ class Engine:
                 raise QueueFullError(f"the request queue is full ({self.max_queue} waiting)")
             self._waiting.append(req)
             self._cond.notify()
-        if req.expert is not None:
-            self.store.prefetch(req.expert)
         return req
 
     @property
@@ -387,12 +387,11 @@ class Engine:
 
     # ----- sampling and stopping ----------------------------------------------------------------
     def _sample(self, req: Request, logits: torch.Tensor) -> int:
+        """A sampled token; greedy requests (temperature below MIN_TEMPERATURE, where the float32
+        distribution is one-hot anyway and 1/T may overflow: T = 5e-324 is 0 in float32) are
+        answered by _greedy_tokens instead."""
         logits = logits[:self._vocab(req)].float()
         p = req.params
-        # Below MIN_TEMPERATURE the float32 distribution is one-hot anyway, and 1/T overflows
-        # (T = 5e-324 is 0 in float32): greedy.
-        if p.temperature < MIN_TEMPERATURE:
-            return int(torch.argmax(logits))
         probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)

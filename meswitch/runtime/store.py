@@ -150,6 +150,7 @@ class ExpertStore:
         self._failed: dict[str, tuple[float, BaseException]] = {}  # name -> (when, why) of its last failed load
         self._generation: dict[str, int] = {}  # bumped by forget(): a load in flight for an older one is dropped
         self._verified: set[str] = set()
+        self._file_sizes: dict = {}  # expert file path -> tensor bytes (_file_bytes)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meswitch-load")
         self.stats = {"hits": 0, "misses": 0, "disk_loads": 0, "hot_builds": 0, "hot_evictions": 0,
                       "packed_evictions": 0, "load_seconds": 0.0, "build_seconds": 0.0, "prefetches": 0,
@@ -188,6 +189,7 @@ class ExpertStore:
         if name not in self.bundle.experts:
             raise UnknownExpertError(f"unknown expert {name!r}: not (or no longer) in the bundle "
                                      f"(experts: {', '.join(self.names) or 'none'})")
+        file_bytes = self._file_bytes(name)  # before the lock: it may read the file's header
         with self._lock:
             e = self._entries.get(name)
             if e is not None and e.hot is not None:
@@ -208,7 +210,7 @@ class ExpertStore:
             else:
                 # The tensors' bytes in the file: the packed size, known exactly once read; the
                 # compute-ready part is checked by the load (_load).
-                need = self._file_bytes(name)
+                need = file_bytes
                 self._check_fits(name, need)
             if not self._make_room(need, keep={name, *protect}):
                 return None
@@ -240,10 +242,10 @@ class ExpertStore:
 
     def prefetch(self, name: str) -> None:
         """Load a queued request's expert in the background if it fits without evicting anything."""
+        need = self._file_bytes(name)  # before the lock: it may read the file's header
         with self._lock:
             if name in self._entries or name in self._loading or name not in self.bundle.experts:
                 return
-            need = self._file_bytes(name)
             if self.max_memory is not None and self._bytes() + self.other_bytes() + need > self.max_memory:
                 return
             self.stats["prefetches"] += 1
@@ -325,13 +327,22 @@ class ExpertStore:
 
     def _file_bytes(self, name: str) -> int:
         """The tensor bytes of an expert's file: its size less the safetensors header (an
-        8-byte little-endian length, then that many bytes of JSON)."""
+        8-byte little-endian length, then that many bytes of JSON). Read once per file (the
+        engine asks at every step while a request waits for room); call it without the lock."""
         try:
-            with open(self.bundle.path / self.bundle.experts[name]["weights"], "rb") as f:
-                header = int.from_bytes(f.read(8), "little")
-                return max(0, os.fstat(f.fileno()).st_size - 8 - header)
-        except (OSError, KeyError):
+            path = self.bundle.path / self.bundle.experts[name]["weights"]
+        except KeyError:
             return 0
+        size = self._file_sizes.get(path)
+        if size is None:
+            try:
+                with open(path, "rb") as f:
+                    header = int.from_bytes(f.read(8), "little")
+                    size = max(0, os.fstat(f.fileno()).st_size - 8 - header)
+            except OSError:
+                return 0
+            self._file_sizes[path] = size  # until the bundle changes (forget)
+        return size
 
     def _ready_bytes(self, deltas: dict[str, CompressedDelta]) -> int:
         """What build_hot_expert adds: the backend's matrices, plus norm weights / bias fixes and
@@ -397,6 +408,7 @@ class ExpertStore:
                 self._retired.append(e)
             self._failed.pop(name, None)
             self._verified.discard(name)
+            self._file_sizes.clear()  # the bundle changed: sizes are read again when needed
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
