@@ -116,7 +116,7 @@ def test_salient_count_and_fraction():
     assert CompressionSpec(method="rtn", salient=8).salient_count(576) == 0
 
 
-@pytest.mark.parametrize("method", ["mixed", "bitdelta"])
+@pytest.mark.parametrize("method", ["mixed", "bitdelta", "lowrank"])
 def test_tunable_layer_starts_at_the_stored_reconstruction(method):
     from torch import nn
 
@@ -125,7 +125,7 @@ def test_tunable_layer_starts_at_the_stored_reconstruction(method):
     torch.manual_seed(0)
     linear = nn.Linear(48, 32, bias=True)
     delta = 0.01 * torch.randn(32, 48)
-    spec = CompressionSpec(method=method, bits=2, salient=3, group_size=16)
+    spec = CompressionSpec(method=method, bits=2, salient=3, group_size=16, rank_bits=4)
     q = compress_matrix(delta, spec, col_weight=torch.rand(48))
     layer = TunableDeltaLinear(linear, linear.weight.detach(), q)
     x = torch.randn(5, 48)
@@ -136,3 +136,7 @@ def test_tunable_layer_starts_at_the_stored_reconstruction(method):
     assert layer.scale_mult.grad is not None and layer.offset_shift.grad is not None
     p = layer.current_params()
     assert torch.equal(p.scale, q.params.scale) and torch.equal(p.offset, q.params.offset)
+    if method == "lowrank":  # the low-rank factors are tuned too, starting from the stored ones
+        assert q.rank > 0 and layer.a_shift.grad is not None and layer.b_shift.grad is not None
+        a, b = layer.lowrank_factors()
+        assert torch.equal(a.half(), q.lowrank_a) and torch.equal(b.half(), q.lowrank_b)

@@ -43,8 +43,13 @@ from ..files import (durable_replace, fsync_tree, is_temp_name, remove_path, tem
                      temp_path, write_text_atomic)
 
 FORMAT_NAME = "meswitch-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the manifest
 DELTA_FORMAT = "meswitch-delta"
+# Delta files: version 2 adds an optional low-rank part to quantized tensors (`rank` in the layout
+# record, tensors T.lowrank_a / T.lowrank_b). A writer writes 2 only for a file that has one, so
+# files without it stay readable by version-1 readers; this reader reads both.
+DELTA_FORMAT_VERSIONS = (1, 2)
+LOWRANK_DELTA_VERSION = 2
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
 EXPERTS_DIR = "experts"
@@ -214,7 +219,7 @@ def _dims(shape, what: str, n: int | None = None) -> tuple[int, ...]:
 
 
 def check_layout_record(tname: str, record, header: Callable[[str], tuple[str, tuple[int, ...]] | None],
-                        base_shape: tuple[int, ...] | None) -> None:
+                        base_shape: tuple[int, ...] | None, version: int = 1) -> None:
     """Check the stored tensors of one model tensor against its layout record (dtype and shape of
     each part, from the file header), and the record against the base tensor it applies to."""
     if not isinstance(record, dict):
@@ -252,6 +257,16 @@ def check_layout_record(tname: str, record, header: Callable[[str], tuple[str, t
             raise BundleError(f"tensor {tname}.scale has shape {list(scale)}, expected [{out} or 1, "
                               f"{num_groups(cols - k, group)}]")
         need("offset", ("F16",), scale)
+        rank = record.get("rank")
+        if rank is not None:
+            if version < LOWRANK_DELTA_VERSION:
+                raise BundleError(f"{tname}: a low-rank part needs delta format version {LOWRANK_DELTA_VERSION}")
+            if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(out, cols):
+                raise BundleError(f"{tname}: invalid rank {rank!r}")
+            need("lowrank_a", ("F16",), (out, rank))
+            need("lowrank_b", ("F16",), (rank, cols))
+        elif header(f"{tname}.lowrank_a") is not None or header(f"{tname}.lowrank_b") is not None:
+            raise BundleError(f"{tname}: low-rank factors stored but no rank in its layout record")
         shape = (out, cols)
     elif kind == "dense":
         shape = _dims(record.get("shape"), tname)
@@ -407,8 +422,10 @@ class Bundle:
         try:
             with safe_open(f, framework="pt") as sf:
                 meta = sf.metadata() or {}
-                if meta.get("format") != DELTA_FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
-                    raise BundleError(f"not a version-{FORMAT_VERSION} {DELTA_FORMAT} file")
+                version = meta.get("format_version")
+                if meta.get("format") != DELTA_FORMAT or version not in [str(v) for v in DELTA_FORMAT_VERSIONS]:
+                    raise BundleError(f"not a {DELTA_FORMAT} file of a version this meswitch reads "
+                                      f"({', '.join(map(str, DELTA_FORMAT_VERSIONS))}): version {version!r}")
                 if meta.get("base_fingerprint") != self.base_fingerprint:
                     raise BundleError("computed against another base than this bundle's")
                 try:
@@ -429,7 +446,7 @@ class Bundle:
                 for tname, record in layout.items():
                     if shapes is not None and tname not in shapes:
                         raise BundleError(f"{tname}: the base has no tensor of that name")
-                    check_layout_record(tname, record, header, None if shapes is None else shapes[tname])
+                    check_layout_record(tname, record, header, None if shapes is None else shapes[tname], int(version))
 
                 def get(key, default=...):
                     if key not in keys:
@@ -580,9 +597,10 @@ class Bundle:
             ts, meta = d.to_tensors(tname)
             tensors.update({k: v.contiguous() for k, v in ts.items()})
             layout[tname] = meta
+        lowrank = any(m.get("rank") for m in layout.values())
         metadata = {
             "format": DELTA_FORMAT,
-            "format_version": str(FORMAT_VERSION),
+            "format_version": str(LOWRANK_DELTA_VERSION if lowrank else 1),
             "expert": name,
             "base_fingerprint": self.base_fingerprint,
             "tensors": json.dumps(layout, separators=(",", ":")),

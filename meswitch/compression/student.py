@@ -64,6 +64,24 @@ class TunableDeltaLinear(nn.Module):
         self.group_size = qd.params.group_size
         self.scale_mult = nn.Parameter(torch.ones_like(self.scale0))
         self.offset_shift = nn.Parameter(torch.zeros_like(self.offset0))
+        # A low-rank part (--method lowrank) is tuned too, as A0 + unit * shift with one unit per
+        # column of each factor (mean |entry|), so that its steps are of the size of the others'.
+        self.rank = qd.rank
+        if self.rank:
+            a0, b0 = qd.lowrank_a.float().to(dev), qd.lowrank_b.float().to(dev)
+            self.register_buffer("a0", a0, persistent=False)
+            self.register_buffer("b0", b0, persistent=False)
+            self.register_buffer("a_unit", a0.abs().mean(0, keepdim=True).clamp_min(1e-12), persistent=False)
+            self.register_buffer("b_unit", b0.abs().mean(0, keepdim=True).clamp_min(1e-12), persistent=False)
+            self.a_shift = nn.Parameter(torch.zeros_like(a0))
+            self.b_shift = nn.Parameter(torch.zeros_like(b0))
+
+    def trainable(self) -> list[nn.Parameter]:
+        extra = [self.a_shift, self.b_shift] if self.rank else []
+        return [self.scale_mult, self.offset_shift, *extra]
+
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a0 + self.a_unit * self.a_shift, self.b0 + self.b_unit * self.b_shift
 
     def current_params(self) -> AffineParams:
         scale = (self.scale0 * self.scale_mult).detach().cpu()
@@ -81,6 +99,9 @@ class TunableDeltaLinear(nn.Module):
         d = torch.zeros(out, cols, device=deq.device).index_copy(1, self.cols, deq.expand(out, n))
         if self.salient_idx.numel():
             d = d.index_copy(1, self.salient_idx, self.salient_values)
+        if self.rank:
+            a, b = self.lowrank_factors()
+            d = d + a @ b
         return d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +156,7 @@ def tune_step_sizes(
         setattr(modules[parent_name] if parent_name else student, child, w)
     for p in student.parameters():
         p.requires_grad_(False)
-    params = [p for w in wrapped.values() for p in (w.scale_mult, w.offset_shift)]
+    params = [p for w in wrapped.values() for p in w.trainable()]
     for p in params:
         p.requires_grad_(True)
 
@@ -159,6 +180,8 @@ def tune_step_sizes(
             d = deltas[name]
             assert isinstance(d, QuantizedDelta)
             d.params = w.current_params()
+            if w.rank:
+                d.lowrank_a, d.lowrank_b = (f.detach().cpu().to(torch.float16).contiguous() for f in w.lowrank_factors())
             # A shell on the meta device (no random init), then the rebuilt weight from the
             # checkpoint's own base tensor, exactly as build_student and materialize make it.
             linear = nn.Linear(w.base_weight.shape[1], w.base_weight.shape[0], bias=w.bias is not None, device="meta")

@@ -13,6 +13,10 @@ makes between its LoRA layers and its punica wrapper). The protocol:
     prepare_rows(delta)          -> rows source  once per hot expert, for its embedding delta
     gather_rows(source, ids)     -> float32 rows of the delta, for embedding lookups
 
+A delta with a low-rank part (`--method lowrank`: D = Q + A B) is never made dense by the `cpu`
+backend: Q goes through the kernel like any quantized delta and A B is added as two thin GEMMs,
+y += (x B^T) A^T (LowRankReady).
+
 Segments are contiguous token ranges of one expert each (the engine orders tokens by expert),
 the layout of Punica's SGMV and DeltaZip's SBMM: one call per layer covers every expert.
 
@@ -58,7 +62,47 @@ class DenseReady:
         return _nbytes(self.weight)
 
 
-ReadyDelta = PackedDelta | DenseReady
+@dataclass
+class LowRankReady:
+    """A quantized delta with a low-rank part: the quantized part as the kernel reads it, and the
+    factors A [out, r], B [r, in] in the compute dtype (the stored float16 tensors when that is
+    the dtype), applied as two thin GEMMs."""
+    main: PackedDelta
+    a: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        d = self.main.delta
+        own = {d.lowrank_a.data_ptr(), d.lowrank_b.data_ptr()}
+        return self.main.nbytes + sum(_nbytes(t) for t in (self.a, self.b) if t.data_ptr() not in own)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.main.shape
+
+    def add_product(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y += x @ (A B)^T, as (x B^T) A^T."""
+        y.add_(F.linear(F.linear(x, self.b), self.a))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of A B in float32 (the same product as QuantizedDelta.lowrank_product)."""
+        return self.a.index_select(0, ids).float() @ self.b.float()
+
+
+def lowrank_ready(p: PackedDelta, dtype: torch.dtype) -> PackedDelta | LowRankReady:
+    d = p.delta
+    return LowRankReady(p, d.lowrank_a.to(dtype), d.lowrank_b.to(dtype)) if d.rank else p
+
+
+def lowrank_extra_nbytes(delta: CompressedDelta, dtype: torch.dtype) -> int:
+    """Memory of the low-rank factors in the compute dtype, beyond the stored float16 ones."""
+    if not isinstance(delta, QuantizedDelta) or not delta.rank or dtype == torch.float16:
+        return 0
+    return delta.rank * (delta.shape[0] + delta.shape[1]) * dtype.itemsize
+
+
+ReadyDelta = PackedDelta | DenseReady | LowRankReady
 
 
 @runtime_checkable
@@ -135,6 +179,8 @@ def dequantize_rows(d: QuantizedDelta, ids: torch.Tensor) -> torch.Tensor:
         )
     if d.salient_idx.numel():
         rows[:, d.salient_idx.long()] = d.salient_values.index_select(0, ids).float()
+    if d.rank:
+        rows += d.lowrank_a.index_select(0, ids).float() @ d.lowrank_b.float()
     return rows
 
 
@@ -143,7 +189,7 @@ def dequantize_rows(d: QuantizedDelta, ids: torch.Tensor) -> torch.Tensor:
 class CpuExpertTable:
     addresses: torch.Tensor  # int64 [layers]: descriptor address of the layer's packed delta, 0 if none
     ready: list[ReadyDelta | None]
-    has_dense: bool  # some layer holds a DenseReady (16-bit delta), computed outside the kernel
+    has_dense: bool  # some layer holds a DenseReady (16-bit delta) or a LowRankReady: partly computed outside the kernel
 
 
 @dataclass
@@ -163,20 +209,23 @@ class CpuKernelBackend:
 
     def prepare(self, delta: CompressedDelta, dtype: torch.dtype) -> ReadyDelta:
         if isinstance(delta, QuantizedDelta):
-            return cpu_kernel.pack(delta)
+            return lowrank_ready(cpu_kernel.pack(delta), dtype)
         return DenseReady(delta.values.to(dtype), delta)
 
     def ready_nbytes(self, delta: CompressedDelta, dtype: torch.dtype) -> int:
         if len(delta.shape) != 2:
             return 0
         if isinstance(delta, QuantizedDelta):
-            return cpu_kernel.DESC_FIELDS * 8
+            return cpu_kernel.DESC_FIELDS * 8 + lowrank_extra_nbytes(delta, dtype)
         return 0 if delta.values.dtype == dtype else delta.shape[0] * delta.shape[1] * dtype.itemsize
 
     def expert_table(self, ready: Sequence[ReadyDelta | None]) -> CpuExpertTable:
-        addresses = torch.tensor([r.desc.data_ptr() if isinstance(r, PackedDelta) else 0 for r in ready],
-                                 dtype=torch.int64)
-        return CpuExpertTable(addresses, list(ready), any(isinstance(r, DenseReady) for r in ready))
+        def address(r):
+            p = r.main if isinstance(r, LowRankReady) else r
+            return p.desc.data_ptr() if isinstance(p, PackedDelta) else 0
+
+        addresses = torch.tensor([address(r) for r in ready], dtype=torch.int64)
+        return CpuExpertTable(addresses, list(ready), any(isinstance(r, (DenseReady, LowRankReady)) for r in ready))
 
     def plan(self, segments: Sequence[tuple[CpuExpertTable, int, int]]) -> CpuPlan:
         if not segments:
@@ -194,15 +243,23 @@ class CpuKernelBackend:
             r = table.ready[layer]
             if isinstance(r, DenseReady):
                 y[a:b].add_(F.linear(x[a:b], r.weight))
-            elif r is not None and b - a >= self.dense_min_tokens:
-                y[a:b].add_(F.linear(x[a:b], cpu_kernel.dequantize(r, x.dtype)))
+                continue
+            if r is not None and b - a >= self.dense_min_tokens:
+                p = r.main if isinstance(r, LowRankReady) else r
+                y[a:b].add_(F.linear(x[a:b], cpu_kernel.dequantize(p, x.dtype)))
+            if isinstance(r, LowRankReady):
+                r.add_product(x[a:b], y[a:b])
 
-    def prepare_rows(self, delta: CompressedDelta) -> PackedDelta | DenseDelta:
-        return cpu_kernel.pack(delta) if isinstance(delta, QuantizedDelta) else delta
+    def prepare_rows(self, delta: CompressedDelta) -> PackedDelta | LowRankReady | DenseDelta:
+        if isinstance(delta, QuantizedDelta):
+            return lowrank_ready(cpu_kernel.pack(delta), torch.float16)
+        return delta
 
-    def gather_rows(self, source: PackedDelta | DenseDelta, ids: torch.Tensor) -> torch.Tensor:
+    def gather_rows(self, source: PackedDelta | LowRankReady | DenseDelta, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(source, DenseDelta):
             return source.values.index_select(0, ids).float()
+        if isinstance(source, LowRankReady):
+            return cpu_kernel.dequantize(source.main, torch.float32, ids) + source.rows(ids)
         return cpu_kernel.dequantize(source, torch.float32, ids)
 
 
