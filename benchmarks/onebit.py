@@ -37,18 +37,23 @@ import evaluate as ev  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TUNE = ev.DEFAULT_TUNE
-# (name, method, bits, salient, rank_bits, tune_steps), in the order they run (most important
-# first: the CPU is shared). Every variant is tuned with the same 32 distillation steps as
-# mixed-1-tuned; the variants of MEASURE_UNTUNED are also measured before tuning.
+# (name, method, bits, salient, rank_bits, tune_steps), in the order they run (the CPU is shared:
+# the untuned comparison at matched bits first, then the tuned rows, then the 2-bit point).
+# Tuned rows use the same 32 distillation steps as evaluate.py's mixed-1-tuned, starting from the
+# same compression as their untuned row (compressed once, kept in memory).
 VARIANTS = [
+    ("lowrank-1-r0.2", "lowrank", 1, 0.0, 0.2, 0),
+    ("mixed-1", "mixed", 1, ev.DEFAULT_SALIENT, 0.0, 0),
+    ("bitdelta", "bitdelta", 1, 0.0, 0.0, 0),
     ("lowrank-1-r0.2-tuned", "lowrank", 1, 0.0, 0.2, TUNE),
     ("mixed-1-tuned", "mixed", 1, ev.DEFAULT_SALIENT, 0.0, TUNE),
     ("bitdelta-tuned", "bitdelta", 1, 0.0, 0.0, TUNE),
+    ("mixed-2", "mixed", 2, ev.DEFAULT_SALIENT, 0.0, 0),
+    ("lowrank-2-r0.1", "lowrank", 2, 0.0, 0.1, 0),
     ("mixed-2-tuned", "mixed", 2, ev.DEFAULT_SALIENT, 0.0, TUNE),
     ("lowrank-2-r0.1-tuned", "lowrank", 2, 0.0, 0.1, TUNE),
-    ("lowrank-1-r0.1-tuned", "lowrank", 1, 0.0, 0.1, TUNE),
+    ("lowrank-1-r0.1", "lowrank", 1, 0.0, 0.1, 0),
 ]
-MEASURE_UNTUNED: dict[str, str] = {}
 
 
 def result_file(work: Path, expert: str, variant: str) -> Path:
@@ -86,30 +91,32 @@ def run_expert(work: Path, base: Path, name: str, files, progress: bool) -> None
     ctx = ev.ExpertContext(work, base, name, files, progress, TUNE)
     b = ev.run_base(ctx)
     ev.save_json(result_file(work, name, "base"), b)
+    compressed: dict[tuple, tuple] = {}  # (method, bits, salient, rank_bits) -> (deltas, seconds)
     for v in todo:
         vname, method, bits, salient, rank_bits, tune = v
-        t0 = time.time()
-        spec = CompressionSpec(method=method, bits=bits if method != "bitdelta" else 2, salient=salient,
-                               rank_bits=rank_bits).validate()
-        deltas = compress_tensors(ctx.base, ctx.expert, spec, ctx.moments, progress)
-        compress_s = time.time() - t0
-        student = build_student(ctx.base, deltas, ctx.vocab, "cpu", ctx.dtype, torch.float32)
-        if vname in MEASURE_UNTUNED and not result_file(work, name, MEASURE_UNTUNED[vname]).is_file():
-            save_row(ctx, work, MEASURE_UNTUNED[vname], (vname, method, bits, salient, rank_bits, 0), deltas,
-                     ev.measure(student, ctx.heldout, ctx.teacher), {}, compress_s, 0.0)
-        d = {k: copy.copy(x) for k, x in deltas.items()}
-        t1 = time.time()
-        k = min(tune, len(ctx.calib))
-        tuning = tune_step_sizes(student, ctx.base, d, ctx.calib[:k], ctx.calib_lp[:k], tune,
-                                 progress=progress, weight_dtype=ctx.dtype)
-        tune_s = time.time() - t1
+        key = (method, bits, salient, rank_bits)
+        if key not in compressed:
+            t0 = time.time()
+            spec = CompressionSpec(method=method, bits=bits if method != "bitdelta" else 2, salient=salient,
+                                   rank_bits=rank_bits).validate()
+            compressed[key] = (compress_tensors(ctx.base, ctx.expert, spec, ctx.moments, progress), time.time() - t0)
+        deltas, compress_s = compressed[key]
+        d = {k: copy.copy(x) for k, x in deltas.items()}  # tuning replaces step sizes and factors
+        student = build_student(ctx.base, d, ctx.vocab, "cpu", ctx.dtype, torch.float32)
+        tuning, tune_s = {}, 0.0
+        if tune:
+            t1 = time.time()
+            k = min(tune, len(ctx.calib))
+            tuning = tune_step_sizes(student, ctx.base, d, ctx.calib[:k], ctx.calib_lp[:k], tune,
+                                     progress=progress, weight_dtype=ctx.dtype)
+            tune_s = time.time() - t1
         save_row(ctx, work, vname, v, d, ev.measure(student, ctx.heldout, ctx.teacher), tuning, compress_s, tune_s)
-        del student, deltas, d
+        del student, d
         gc.collect()
 
 
-ORDER = ["bitdelta-tuned", "lowrank-1-r0.1-tuned", "mixed-1-tuned", "lowrank-1-r0.2", "lowrank-1-r0.2-tuned",
-         "mixed-2-tuned", "lowrank-2-r0.1-tuned"]
+ORDER = ["bitdelta", "bitdelta-tuned", "lowrank-1-r0.1", "lowrank-1-r0.2", "lowrank-1-r0.2-tuned", "mixed-1",
+         "mixed-1-tuned", "lowrank-2-r0.1", "lowrank-2-r0.1-tuned", "mixed-2", "mixed-2-tuned"]
 
 
 def report(work: Path, experts: list[str]) -> None:
@@ -128,8 +135,9 @@ def report(work: Path, experts: list[str]) -> None:
                 r["gain_retained"] = ev.gain(b["base"]["ppl"], b["expert_metrics"]["ppl"], r["metrics"]["ppl"])
                 rows.append(r)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    limit = f" --limit {ev.LIMIT}" if ev.LIMIT else ""
     cmd = ("HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 nice -n 10 python benchmarks/onebit.py --base /work/cache/base "
-           "--workdir WORK --experts " + " ".join(experts) + "; ... --report")
+           f"--workdir WORK{limit} --experts NAME  (once per expert), then --report --experts " + " ".join(experts))
     (RESULTS / "onebit.json").write_text(json.dumps({"command": cmd, "experts": bases, "rows": rows}, indent=2) + "\n")
     names = [n for n in experts if n in bases]
     L = ["# About 1 bit per parameter (issue 15)", "",
@@ -166,7 +174,7 @@ def main() -> None:
     p.add_argument("--experts", nargs="+", default=["math", "code"], choices=ev.DOMAINS)
     p.add_argument("--report", action="store_true", help="only write benchmarks/results/onebit.{json,md}")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--limit", type=int, default=None, help="smoke test: fewer calibration / held-out samples")
+    p.add_argument("--limit", type=int, default=None, help="at most this many calibration and held-out samples per expert (the same for every row)")
     args = p.parse_args()
     ev.LIMIT = args.limit
     work = Path(args.workdir)
