@@ -154,7 +154,16 @@ VARIANTS = [
     ("mixed-2-tuned16", "mixed", 2, DEFAULT_SALIENT, 16, 3),
     ("mixed-2-tuned64", "mixed", 2, DEFAULT_SALIENT, 64, 3),
     ("mixed-2-tuned128", "mixed", 2, DEFAULT_SALIENT, 128, 3),
+    # beyond the paper (issue 15): b-bit codes of the delta minus a low-rank part + that part as
+    # float16 factors (--method lowrank), no salient columns (the factors take the outliers), at
+    # matched bits: RANK_BITS of each bit width spent on the factors
+    ("lowrank-1", "lowrank", 1, 0, 0, 4),
+    ("lowrank-1-tuned", "lowrank", 1, 0, DEFAULT_TUNE, 4),
+    ("lowrank-2", "lowrank", 2, 0, 0, 4),
+    ("lowrank-2-tuned", "lowrank", 2, 0, DEFAULT_TUNE, 4),
 ]
+RANK_BITS = {1: 0.2, 2: 0.1}  # lowrank: bits per parameter for the factors (1.25 and 2.16 bits in all)
+ONLY: list[str] | None = None  # --variants: run only these
 
 
 def encode_heldout(tokenizer, rows: list[dict], max_len: int) -> list[tuple]:
@@ -279,6 +288,8 @@ def _finish(ctx: ExpertContext, variant: tuple, deltas, metrics: dict, tuning: d
     vname, method, bits, salient, tune, _ = variant
     bundle_dir = ctx.work / "bundles" / ctx.name / vname
     spec = {"method": method, "bits": bits, "salient": salient, "tune_steps": tune}
+    if method == "lowrank":
+        spec["rank_bits"] = RANK_BITS[bits]
     nbytes = write_bundle(ctx, bundle_dir, deltas, {"method": method, "params": spec, "quality": metrics,
                                                     "tuning": tuning})
     if vname not in KEEP_BUNDLES:
@@ -317,7 +328,8 @@ def run_variants(ctx: ExpertContext, untuned: tuple, tuned: list[tuple]) -> None
         return
     t0 = time.time()
     _, method, bits, salient, _, _ = untuned
-    spec = CompressionSpec(method=method, bits=bits if method in ("mixed", "rtn") else 2, salient=salient).validate()
+    spec = CompressionSpec(method=method, bits=bits if method in ("mixed", "rtn", "lowrank") else 2, salient=salient,
+                           rank_bits=RANK_BITS.get(bits, 0.2)).validate()
     deltas = compress_tensors(ctx.base, ctx.expert, spec, ctx.moments, ctx.progress)
     t_compress = time.time() - t0
     student = None
@@ -344,11 +356,13 @@ def run_variants(ctx: ExpertContext, untuned: tuple, tuned: list[tuple]) -> None
         gc.collect()
 
 
-KEEP_BUNDLES = {"fp16", "mixed-2-tuned", "rtn-2", "bitdelta", "bitdelta-tuned", "mixed-3-tuned", "mixed-1-tuned"}
+KEEP_BUNDLES = {"fp16", "mixed-2-tuned", "rtn-2", "bitdelta", "bitdelta-tuned", "mixed-3-tuned", "mixed-1-tuned",
+                "lowrank-1", "lowrank-1-tuned"}
 
 
 def _tune_samples(name: str, ablate: list[str], max_priority: int) -> int:
-    steps = [v[4] for v in VARIANTS if v[5] <= max_priority and (v[5] < 3 or name in ablate)]
+    steps = [v[4] for v in VARIANTS if v[5] <= max_priority and (v[5] != 3 or name in ablate)
+             and (ONLY is None or v[0] in ONLY)]
     return min(CALIB, max(steps + [1]))
 
 
@@ -371,8 +385,8 @@ def stage_compress(work: Path, base: Path, files, max_priority: int, experts: li
     experts = [n for n in experts if beats[n]]
     for prio in range(1, max_priority + 1):
         for name in experts:
-            todo = [v for v in VARIANTS if v[5] == prio and (prio < 3 or name in ablate)
-                    and not result_path(work, name, v[0]).is_file()]
+            todo = [v for v in VARIANTS if v[5] == prio and (prio != 3 or name in ablate)
+                    and (ONLY is None or v[0] in ONLY) and not result_path(work, name, v[0]).is_file()]
             if not todo:
                 continue
             if name not in contexts:
@@ -668,8 +682,8 @@ def stage_tasks(work: Path, base_dir: Path, files, experts: list[str], who_list:
 
 
 # -------------------------------------------------------------------------------------- report
-MAIN_ROWS = ["fp16", "mixed-3-tuned", "mixed-3", "rtn-3", "mixed-2-tuned", "mixed-2", "rtn-2",
-             "mixed-1-tuned", "mixed-1", "rtn-1", "bitdelta-tuned", "bitdelta"]
+MAIN_ROWS = ["fp16", "mixed-3-tuned", "mixed-3", "rtn-3", "mixed-2-tuned", "mixed-2", "lowrank-2-tuned", "lowrank-2",
+             "rtn-2", "lowrank-1-tuned", "lowrank-1", "mixed-1-tuned", "mixed-1", "rtn-1", "bitdelta-tuned", "bitdelta"]
 DEFAULT_VARIANT = "mixed-2-tuned"
 CMD = ("HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 nice -n 19 python benchmarks/evaluate.py "
        "--base BASE --workdir /work/cache/eval")
@@ -874,9 +888,11 @@ def plot(bases, rows, path: Path) -> None:
               "mixed": lambda r: r["method"] == "mixed" and not r["tune_steps"] and r["variant"].count("-") == 1,
               "rtn": lambda r: r["method"] == "rtn", "bitdelta": lambda r: r["method"] == "bitdelta" and not r["tune_steps"],
               "bitdelta, tuned": lambda r: r["method"] == "bitdelta" and r["tune_steps"],
-              "fp16": lambda r: r["method"] == "fp16"}
-    markers = dict(zip(series, "o^sDvx"))
-    colors = dict(zip(series, ["C0", "C1", "C2", "C3", "C4", "C5"]))
+              "fp16": lambda r: r["method"] == "fp16",
+              "lowrank": lambda r: r["method"] == "lowrank" and not r["tune_steps"],
+              "lowrank, tuned": lambda r: r["method"] == "lowrank" and r["tune_steps"]}
+    markers = dict(zip(series, "o^sDvxPX"))
+    colors = dict(zip(series, ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7"]))
     handles = {}
     for ax, n in zip(axes[0], names):
         for label, pick in series.items():
@@ -899,7 +915,7 @@ def plot(bases, rows, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def stage_report(work: Path, base_dir: Path) -> None:
+def stage_report(work: Path, base_dir: Path, name: str = "eval") -> None:
     bases, rows, tasks = collect(work)
     task_fidelity(tasks)
     size = sizes(work, base_dir, rows)
@@ -908,17 +924,18 @@ def stage_report(work: Path, base_dir: Path) -> None:
     settings = {"finetune": FINETUNE, "heldout": HELDOUT, "calibration_samples": CALIB,
                 "calibration_max_len": CALIB_MAX_LEN, "heldout_max_len": MAX_LEN, "seed": SEED,
                 "default_tune_steps": DEFAULT_TUNE, "default_salient": DEFAULT_SALIENT,
-                "task_gsm8k": TASK_GSM8K, "task_alpaca": TASK_ALPACA, "command": CMD}
-    save_json(RESULTS / "eval_variants.json", {"settings": settings, "base_and_expert": bases, "variants": rows})
+                "task_gsm8k": TASK_GSM8K, "task_alpaca": TASK_ALPACA, "lowrank_rank_bits": RANK_BITS,
+                "command": CMD + ("" if name == "eval" else f" --results-name {name}")}
+    save_json(RESULTS / f"{name}_variants.json", {"settings": settings, "base_and_expert": bases, "variants": rows})
     # Per-item outputs stay in WORKDIR/tasks; the results keep the scores and a few samples.
-    save_json(RESULTS / "eval_tasks.json", [{**{k: v for k, v in t.items() if k not in ("outputs", "scores")},
+    save_json(RESULTS / f"{name}_tasks.json", [{**{k: v for k, v in t.items() if k not in ("outputs", "scores")},
                                              "samples": t.get("outputs", [])[:3]} for t in tasks])
-    save_json(RESULTS / "eval_sizes.json", size)
-    save_json(RESULTS / "eval_targets.json", tgt)
+    save_json(RESULTS / f"{name}_sizes.json", size)
+    save_json(RESULTS / f"{name}_targets.json", tgt)
     md = markdown(bases, rows, tasks, size, tgt)
-    (RESULTS / "eval.md").write_text(md)
+    (RESULTS / f"{name}.md").write_text(md)
     if rows:
-        plot(bases, rows, RESULTS / "eval_gain_vs_bits.png")
+        plot(bases, rows, RESULTS / f"{name}_gain_vs_bits.png")
     print(md)
 
 
@@ -929,7 +946,11 @@ def main() -> None:
     p.add_argument("--stage", default="all",
                    choices=["data", "finetune", "check", "compress", "tasks", "rescore", "report", "all"])
     p.add_argument("--experts", nargs="+", default=list(DOMAINS), choices=DOMAINS)
-    p.add_argument("--max-priority", type=int, default=3, help="1: main variants, 2: + other bit widths, 3: + ablations")
+    p.add_argument("--max-priority", type=int, default=4,
+                   help="1: main variants, 2: + other bit widths, 3: + ablations, 4: + beyond the paper (lowrank)")
+    p.add_argument("--variants", nargs="+", help="compress stage: only these variants (default: all up to --max-priority)")
+    p.add_argument("--results-name", default="eval",
+                   help="report stage: benchmarks/results/NAME_variants.json, NAME.md, ... (default eval)")
     p.add_argument("--ablate", nargs="*", default=["math"], help="experts that get the ablations")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--limit", type=int, default=None, help="smoke test: at most this many calibration / held-out samples")
@@ -937,8 +958,8 @@ def main() -> None:
                    help="tasks stage: base, expert and/or variant names")
     p.add_argument("--no-check", action="store_true", help="smoke test: skip the expert-beats-base check")
     args = p.parse_args()
-    global LIMIT, NO_CHECK
-    LIMIT, NO_CHECK = args.limit, args.no_check
+    global LIMIT, NO_CHECK, ONLY
+    LIMIT, NO_CHECK, ONLY = args.limit, args.no_check, args.variants
     work, base = Path(args.workdir), Path(args.base)
     work.mkdir(parents=True, exist_ok=True)
     files = stage_data(work)
@@ -956,7 +977,7 @@ def main() -> None:
     if args.stage == "all":
         stage_tasks(work, base, files, args.experts, args.models)
     if args.stage in ("report", "all"):
-        stage_report(work, base)
+        stage_report(work, base, args.results_name)
 
 
 if __name__ == "__main__":

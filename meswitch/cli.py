@@ -125,6 +125,7 @@ def cmd_compress(args) -> int:
         salient=args.salient,
         group_size=args.group_size,
         compress_embeddings=not args.keep_embeddings_16bit,
+        rank_bits=args.rank_bits,
     ).validate()
     if args.method == "fp16" and args.tune_steps:
         raise UsageError("--tune-steps has nothing to tune with --method fp16")
@@ -289,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--salient", type=_parse_salient, default=0.01,
                    help="16-bit input channels per matrix: a count, or a fraction if < 1 (default 0.01)")
     c.add_argument("--group-size", type=_int_at_least(0), default=0, help="input columns per step size (0: per output channel)")
+    c.add_argument("--rank-bits", type=float, default=0.2,
+                   help="--method lowrank: bits per parameter for the float16 low-rank factors (default 0.2)")
     c.add_argument("--calib", action="append", metavar="[NAME=]FILE",
                    help="calibration samples (.txt/.jsonl/.json), for one expert or all (default: built-in set)")
     c.add_argument("--calib-samples", type=_int_at_least(2), default=64, help="at most this many samples per expert")

@@ -118,7 +118,7 @@ def test_salient_count_and_fraction():
     assert CompressionSpec(method="rtn", salient=8).salient_count(576) == 0
 
 
-@pytest.mark.parametrize("method", ["mixed", "bitdelta"])
+@pytest.mark.parametrize("method", ["mixed", "bitdelta", "lowrank"])
 def test_tunable_layer_starts_at_the_stored_reconstruction(method):
     from torch import nn
 
@@ -127,7 +127,7 @@ def test_tunable_layer_starts_at_the_stored_reconstruction(method):
     torch.manual_seed(0)
     linear = nn.Linear(48, 32, bias=True)
     delta = 0.01 * torch.randn(32, 48)
-    spec = CompressionSpec(method=method, bits=2, salient=3, group_size=16)
+    spec = CompressionSpec(method=method, bits=2, salient=3, group_size=16, rank_bits=4)
     q = compress_matrix(delta, spec, col_weight=torch.rand(48))
     base_weight = linear.weight.detach().clone()
     layer = TunableDeltaLinear(linear, base_weight, q)
@@ -138,13 +138,20 @@ def test_tunable_layer_starts_at_the_stored_reconstruction(method):
     assert torch.equal(p.scale, q.params.scale) and torch.equal(p.offset, q.params.offset)
 
     # Only the step sizes and offsets are trainable; the base weight and bias are frozen buffers.
-    assert [n for n, t in layer.named_parameters() if t.requires_grad] == ["scale_mult", "offset_shift"]
+    names = ["scale_mult", "offset_shift"] + (["a_shift", "b_shift"] if method == "lowrank" else [])
+    assert [n for n, t in layer.named_parameters() if t.requires_grad] == names
+    if method == "lowrank":  # the factors start at the stored ones
+        assert q.rank > 0
+        fa, fb = layer.lowrank_factors()
+        assert torch.equal(fa.half(), q.lowrank_a) and torch.equal(fb.half(), q.lowrank_b)
     with torch.no_grad():  # away from the starting point, so that no gradient is zero by symmetry
         layer.scale_mult.mul_(1.1)
         layer.offset_shift.add_(0.1)
     x.requires_grad_(True)
     (layer(x) ** 2).sum().backward()
     grads = layer.scale_mult.grad.clone(), layer.offset_shift.grad.clone(), x.grad.clone()
+    if method == "lowrank":
+        assert layer.a_shift.grad.abs().sum() > 0 and layer.b_shift.grad.abs().sum() > 0
     assert all(g.abs().min() > 0 for g in grads[:2])  # every step size and offset gets a gradient
     assert torch.equal(layer.base_q, base_weight[:, q.quantized_columns()]) and layer.base_q.grad is None
     # The hand-written backward (which keeps no weight-sized tensors) equals autograd's.

@@ -44,8 +44,13 @@ from ..files import (durable_replace, fsync_tree, is_temp_name, remove_path, tem
 from ..tensorfile import write_safetensors
 
 FORMAT_NAME = "meswitch-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the manifest
 DELTA_FORMAT = "meswitch-delta"
+# Delta files: version 2 adds an optional low-rank part to quantized tensors (`rank` in the layout
+# record, tensors T.lowrank_a / T.lowrank_b). A writer writes 2 only for a file that has one, so
+# files without it stay readable by version-1 readers; this reader reads both.
+DELTA_FORMAT_VERSIONS = (1, 2)
+LOWRANK_DELTA_VERSION = 2
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
 EXPERTS_DIR = "experts"
@@ -223,7 +228,7 @@ def _dims(shape, what: str, n: int | None = None) -> tuple[int, ...]:
 
 
 def check_layout_record(tname: str, record, header: Callable[[str], tuple[str, tuple[int, ...]] | None],
-                        base_shape: tuple[int, ...] | None) -> None:
+                        base_shape: tuple[int, ...] | None, version: int = 1) -> None:
     """Check the stored tensors of one model tensor against its layout record (dtype and shape of
     each part, from the file header), and the record against the base tensor it applies to."""
     if not isinstance(record, dict):
@@ -261,6 +266,16 @@ def check_layout_record(tname: str, record, header: Callable[[str], tuple[str, t
             raise BundleError(f"tensor {tname}.scale has shape {list(scale)}, expected [{out} or 1, "
                               f"{num_groups(cols - k, group)}]")
         need("offset", ("F16",), scale)
+        rank = record.get("rank")
+        if rank is not None:
+            if version < LOWRANK_DELTA_VERSION:
+                raise BundleError(f"{tname}: a low-rank part needs delta format version {LOWRANK_DELTA_VERSION}")
+            if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(out, cols):
+                raise BundleError(f"{tname}: invalid rank {rank!r}")
+            need("lowrank_a", ("F16",), (out, rank))
+            need("lowrank_b", ("F16",), (rank, cols))
+        elif header(f"{tname}.lowrank_a") is not None or header(f"{tname}.lowrank_b") is not None:
+            raise BundleError(f"{tname}: low-rank factors stored but no rank in its layout record")
         shape = (out, cols)
     elif kind == "dense":
         shape = _dims(record.get("shape"), tname)
@@ -291,8 +306,10 @@ class DeltaFile:
         try:
             self._file = safe_open(path, framework="pt")
             meta = self._file.metadata() or {}
-            if meta.get("format") != DELTA_FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
-                raise BundleError(f"not a version-{FORMAT_VERSION} {DELTA_FORMAT} file")
+            version = meta.get("format_version")
+            if meta.get("format") != DELTA_FORMAT or version not in [str(v) for v in DELTA_FORMAT_VERSIONS]:
+                raise BundleError(f"not a {DELTA_FORMAT} file of a version this meswitch reads "
+                                  f"({', '.join(map(str, DELTA_FORMAT_VERSIONS))}): version {version!r}")
             if meta.get("base_fingerprint") != base_fingerprint:
                 raise BundleError("computed against another base than this bundle's")
             try:
@@ -305,7 +322,8 @@ class DeltaFile:
             for tname, record in layout.items():
                 if base_shapes is not None and tname not in base_shapes:
                     raise BundleError(f"{tname}: the base has no tensor of that name")
-                check_layout_record(tname, record, self._header, None if base_shapes is None else base_shapes[tname])
+                check_layout_record(tname, record, self._header, None if base_shapes is None else base_shapes[tname],
+                                    int(version))
             self.layout: dict[str, dict] = layout
         except BundleError as e:
             raise BundleError(f"{self.label}: {e}") from e
@@ -628,10 +646,12 @@ class Bundle:
         return self.stage_raw(name, tensors, self.delta_metadata(name, layout), save_aux)
 
     def delta_metadata(self, name: str, layout: dict[str, dict]) -> dict[str, str]:
-        """The __metadata__ of an expert's delta file (docs/FORMAT.md)."""
+        """The __metadata__ of an expert's delta file (docs/FORMAT.md): version 2 only when some
+        tensor has a low-rank part, so that every other file stays readable by version-1 readers."""
+        lowrank = any(m.get("rank") for m in layout.values())
         return {
             "format": DELTA_FORMAT,
-            "format_version": str(FORMAT_VERSION),
+            "format_version": str(LOWRANK_DELTA_VERSION if lowrank else 1),
             "expert": name,
             "base_fingerprint": self.base_fingerprint,
             "tensors": json.dumps(layout, separators=(",", ":")),

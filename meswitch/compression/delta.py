@@ -6,6 +6,9 @@ Two kinds exist:
 - DenseDelta: the whole delta in float16 (or float32 where float16 would not be exact and the
   method promised a lossless result). Used for norms, biases and `--method fp16`.
 
+A QuantizedDelta may also carry a low-rank part (format version 2, `--method lowrank`): float16
+factors A [out, r] and B [r, in] whose product is added to the reconstruction, D = Q + A B.
+
 Either may carry `extra_rows`: rows of an embedding / LM head that the expert added to the
 vocabulary, stored whole (they have no base rows to be a delta of).
 
@@ -36,7 +39,18 @@ class QuantizedDelta:
     salient_idx: torch.Tensor  # int32 [k], sorted
     salient_values: torch.Tensor  # float16 [out, k]
     extra_rows: torch.Tensor | None = None
+    # Optional low-rank part: D = (codes, salient columns) + lowrank_a @ lowrank_b, both float16.
+    lowrank_a: torch.Tensor | None = None  # [out, r]
+    lowrank_b: torch.Tensor | None = None  # [r, in]
     kind: str = field(default="quantized", init=False)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lowrank_a is None else int(self.lowrank_a.shape[1])
+
+    def lowrank_product(self) -> torch.Tensor:
+        """A @ B in float32 (the low-rank part of the reconstruction)."""
+        return self.lowrank_a.float() @ self.lowrank_b.float()
 
     @property
     def n_quantized_cols(self) -> int:
@@ -75,6 +89,8 @@ class QuantizedDelta:
             delta[:, self.quantized_columns()] = dequantize_codes(codes, p)
         if self.salient_idx.numel():
             delta[:, self.salient_idx.long()] = self.salient_values[a:b].float()
+        if self.rank:
+            delta += self.lowrank_a[a:b].float() @ self.lowrank_b.float()
         return delta
 
     @property
@@ -88,6 +104,8 @@ class QuantizedDelta:
                 self.salient_idx,
                 self.salient_values,
                 self.extra_rows,
+                self.lowrank_a,
+                self.lowrank_b,
             )
         )
 
@@ -107,6 +125,10 @@ class QuantizedDelta:
             "bits": self.bits,
             "group_size": self.params.group_size,
         }
+        if self.rank:  # format version 2
+            tensors[f"{prefix}.lowrank_a"] = self.lowrank_a
+            tensors[f"{prefix}.lowrank_b"] = self.lowrank_b
+            meta["rank"] = self.rank
         return tensors, meta
 
     @classmethod
@@ -122,6 +144,8 @@ class QuantizedDelta:
             salient_values=get(f"{prefix}.salient_values"),
             extra_rows=get(f"{prefix}.extra_rows", None),
         )
+        if meta.get("rank"):
+            q.lowrank_a, q.lowrank_b = get(f"{prefix}.lowrank_a"), get(f"{prefix}.lowrank_b")
         q.validate()
         return q
 
@@ -137,6 +161,13 @@ class QuantizedDelta:
             raise ValueError("salient index out of range")
         if self.params.scale.shape != self.params.offset.shape or self.params.scale.shape[0] not in (1, out):
             raise ValueError("step sizes / offsets have the wrong shape")
+        if (self.lowrank_a is None) != (self.lowrank_b is None):
+            raise ValueError("low-rank factors must come together")
+        if self.rank and (
+            tuple(self.lowrank_a.shape) != (out, self.rank) or tuple(self.lowrank_b.shape) != (self.rank, cols)
+            or self.lowrank_a.dtype != torch.float16 or self.lowrank_b.dtype != torch.float16
+        ):
+            raise ValueError(f"low-rank factors must be float16 [{out}, r] and [r, {cols}]")
 
 
 @dataclass
@@ -239,5 +270,6 @@ def delta_to(delta: CompressedDelta, device: torch.device | str) -> CompressedDe
         p = delta.params
         return QuantizedDelta(delta.shape, delta.bits, move(delta.packed),
                               AffineParams(move(p.scale), move(p.offset), p.group_size), move(delta.salient_idx),
-                              move(delta.salient_values), move(delta.extra_rows))
+                              move(delta.salient_values), move(delta.extra_rows), move(delta.lowrank_a),
+                              move(delta.lowrank_b))
     return DenseDelta(move(delta.values), move(delta.extra_rows), move(delta.patch_index), move(delta.patch_values))

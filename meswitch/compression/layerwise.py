@@ -599,7 +599,7 @@ class LayerwiseRun:
         wrapped = wrap_quantized_linears(layer, deltas, self.base.get, prefix)
         if not wrapped:
             return 0
-        params = [p for w in wrapped.values() for p in (w.scale_mult, w.offset_shift)]
+        params = [p for w in wrapped.values() for p in w.trainable()]
         opt = torch.optim.Adam(params, lr=self.lr)
         for step in range(self.blockwise_steps):
             j = step % len(inputs)

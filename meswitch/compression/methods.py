@@ -6,6 +6,8 @@
            the step sizes are fitted again on the remaining channels, which are quantized.
 - rtn      the same quantizer with no salient channels.
 - bitdelta sign(delta) times one scale per matrix (mean |delta|), as in BitDelta.
+- lowrank  `mixed` of the delta minus a rank-r part, plus that part as float16 factors, fitted
+           by alternating (lowrank.py); the rank comes from a bit budget, --rank-bits.
 - fp16     the delta itself in 16 bits (float32 where float16 would not reproduce the expert).
 """
 from __future__ import annotations
@@ -16,10 +18,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .delta import CompressedDelta, DenseDelta, QuantizedDelta
+from .lowrank import lowrank_matrix
 from .packing import SUPPORTED_BITS, pack_codes
 from .quantizer import AffineParams, dequantize_codes, fit_affine, quantize_codes
 
-METHODS = ("mixed", "rtn", "bitdelta", "fp16")
+METHODS = ("mixed", "rtn", "bitdelta", "fp16", "lowrank")
 VALUE_DTYPE = torch.float16
 
 
@@ -38,19 +41,22 @@ class CompressionSpec:
     salient: float = 0.01
     group_size: int = 0  # 0: one step size per output channel
     compress_embeddings: bool = True  # False keeps embeddings / LM head as a 16-bit delta
+    rank_bits: float = 0.2  # lowrank only: bits per parameter spent on the low-rank factors
 
     def validate(self) -> "CompressionSpec":
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.method in ("mixed", "rtn") and self.bits not in SUPPORTED_BITS:
+        if self.method in ("mixed", "rtn", "lowrank") and self.bits not in SUPPORTED_BITS:
             raise ValueError(f"--bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         check_salient(self.salient)
         if self.group_size < 0:
             raise ValueError(f"--group-size must be >= 0, got {self.group_size}")
+        if not 0 <= self.rank_bits <= 8:
+            raise ValueError(f"--rank-bits must be in [0, 8], got {self.rank_bits}")
         return self
 
     def salient_count(self, in_features: int) -> int:
-        if self.method != "mixed":
+        if self.method not in ("mixed", "lowrank"):
             return 0
         k = int(self.salient) if self.salient >= 1 else int(round(self.salient * in_features))
         # Keep at least one column quantized so the matrix stays a quantized matrix.
@@ -58,6 +64,8 @@ class CompressionSpec:
 
     def as_dict(self) -> dict:
         d = asdict(self)
+        if self.method != "lowrank":
+            d.pop("rank_bits")
         if self.method in ("bitdelta", "fp16"):
             d = {"method": self.method, "compress_embeddings": self.compress_embeddings}
             if self.method == "bitdelta":
@@ -244,4 +252,6 @@ def compress_matrix(
     if spec.method == "bitdelta":
         return bitdelta_matrix(rows)
     k = spec.salient_count(rows.shape[1])
+    if spec.method == "lowrank":  # the SVD needs the whole matrix: one tensor in float32
+        return lowrank_matrix(rows.read(0, rows.shape[0]), spec.bits, spec.rank_bits, k, spec.group_size, col_weight)
     return quantize_matrix(rows, spec.bits, spec.group_size, k, col_weight)

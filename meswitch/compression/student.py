@@ -75,6 +75,24 @@ class TunableDeltaLinear(nn.Module):
         self.group_size = qd.params.group_size
         self.scale_mult = nn.Parameter(torch.ones_like(self.scale0))
         self.offset_shift = nn.Parameter(torch.zeros_like(self.offset0))
+        # A low-rank part (--method lowrank) is tuned too, as A0 + unit * shift with one unit per
+        # column of each factor (mean |entry|), so that its steps are of the size of the others'.
+        self.rank = qd.rank
+        if self.rank:
+            a0, b0 = qd.lowrank_a.float().to(dev), qd.lowrank_b.float().to(dev)
+            self.register_buffer("a0", a0, persistent=False)
+            self.register_buffer("b0", b0, persistent=False)
+            self.register_buffer("a_unit", a0.abs().mean(0, keepdim=True).clamp_min(1e-12), persistent=False)
+            self.register_buffer("b_unit", b0.abs().mean(0, keepdim=True).clamp_min(1e-12), persistent=False)
+            self.a_shift = nn.Parameter(torch.zeros_like(a0))
+            self.b_shift = nn.Parameter(torch.zeros_like(b0))
+
+    def trainable(self) -> list[nn.Parameter]:
+        extra = [self.a_shift, self.b_shift] if self.rank else []
+        return [self.scale_mult, self.offset_shift, *extra]
+
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a0 + self.a_unit * self.a_shift, self.b0 + self.b_unit * self.b_shift
 
     def current_params(self) -> AffineParams:
         scale = (self.scale0 * self.scale_mult).detach().cpu()
@@ -96,6 +114,9 @@ class TunableDeltaLinear(nn.Module):
         d = torch.zeros(out, cols, device=deq.device).index_copy(1, self.cols, deq.expand(out, n))
         if self.salient_idx.numel():
             d = d.index_copy(1, self.salient_idx, self.salient_values)
+        if self.rank:
+            a, b = self.lowrank_factors()
+            d = d + a @ b
         return d
 
     def weight_q(self, dtype: torch.dtype) -> torch.Tensor:
@@ -108,7 +129,11 @@ class TunableDeltaLinear(nn.Module):
             return w.add_(self.base_q).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _DeltaLinearFn.apply(x, self.scale_mult, self.offset_shift, self)
+        y = _DeltaLinearFn.apply(x, self.scale_mult, self.offset_shift, self)
+        if self.rank:  # + x (A B)^T as two thin products; autograd differentiates the factors
+            a, b = self.lowrank_factors()
+            y = y + F.linear(F.linear(x, b.to(x.dtype)), a.to(x.dtype))
+        return y
 
 
 class _DeltaLinearFn(torch.autograd.Function):
@@ -171,8 +196,8 @@ def wrap_quantized_linears(root: nn.Module, deltas: dict[str, CompressedDelta], 
     for p in root.parameters():
         p.requires_grad_(False)
     for w in wrapped.values():
-        w.scale_mult.requires_grad_(True)
-        w.offset_shift.requires_grad_(True)
+        for p in w.trainable():
+            p.requires_grad_(True)
     return wrapped
 
 
@@ -188,6 +213,8 @@ def unwrap_quantized_linears(root: nn.Module, wrapped: dict[str, TunableDeltaLin
             d = deltas[name]
             assert isinstance(d, QuantizedDelta)
             d.params = w.current_params()
+            if w.rank:
+                d.lowrank_a, d.lowrank_b = (f.detach().cpu().to(torch.float16).contiguous() for f in w.lowrank_factors())
             # A shell on the meta device (no random init), then the rebuilt weight.
             linear = nn.Linear(w.shape[1], w.shape[0], bias=w.bias is not None, device="meta")
             rebuilt = apply_delta(base_get(name), d, weight_dtype)
@@ -238,7 +265,7 @@ def tune_step_sizes(
     wrapped = wrap_quantized_linears(student, deltas, base.get_for)
     if not wrapped:
         return {"steps": 0, "tuned_matrices": 0}
-    params = [p for w in wrapped.values() for p in (w.scale_mult, w.offset_shift)]
+    params = [p for w in wrapped.values() for p in w.trainable()]
 
     kl_before = mean_kl(student, seqs, teacher)
     opt = torch.optim.Adam(params, lr=lr)

@@ -13,6 +13,14 @@ makes between its LoRA layers and its punica wrapper). The protocol:
     prepare_rows(delta)          -> rows source  once per hot expert, for its embedding delta
     gather_rows(source, ids)     -> float32 rows of the delta, for embedding lookups
 
+A delta with a low-rank part (`--method lowrank`: D = Q + A B) is never made dense by the `cpu`
+backend: Q goes through the kernel like any quantized delta and A B is added as two thin GEMMs,
+y += (x B^T) A^T (LowRankReady).
+
+A delta with a low-rank part (`--method lowrank`: D = Q + A B) is never made dense by the kernel
+backends: Q goes through the kernel like any quantized delta and A B is added as two thin GEMMs,
+y += (x B^T) A^T (LowRankReady).
+
 Segments are contiguous token ranges of one expert each (the engine orders tokens by expert),
 the layout of Punica's SGMV and DeltaZip's SBMM: one call per layer covers every expert.
 
@@ -69,7 +77,53 @@ class DenseReady:
         return _nbytes(self.weight)
 
 
-ReadyDelta = PackedDelta | TritonReady | DenseReady
+@dataclass
+class LowRankReady:
+    """A quantized delta with a low-rank part (D = Q + A B): Q as the kernel reads it (`main`), and
+    the factors A [out, r], B [r, in] in the compute dtype (the stored float16 tensors themselves
+    when that is the dtype), applied as two thin GEMMs, y += (x B^T) A^T."""
+    main: PackedDelta | TritonReady
+    a: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        d = self.main.delta
+        own = {d.lowrank_a.data_ptr(), d.lowrank_b.data_ptr()}
+        return self.main.nbytes + sum(_nbytes(t) for t in (self.a, self.b) if t.data_ptr() not in own)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.main.shape
+
+    def add_product(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y += x @ (A B)^T, as (x B^T) A^T."""
+        y.add_(F.linear(F.linear(x, self.b), self.a))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of A B in float32 (the product QuantizedDelta.dequantize adds)."""
+        return self.a.index_select(0, ids).float() @ self.b.float()
+
+
+def lowrank_extra_nbytes(delta: CompressedDelta, dtype: torch.dtype) -> int:
+    """Memory of the low-rank factors in the compute dtype, beyond the stored float16 ones."""
+    if not isinstance(delta, QuantizedDelta) or not delta.rank or dtype == torch.float16:
+        return 0
+    return delta.rank * (delta.shape[0] + delta.shape[1]) * dtype.itemsize
+
+
+ReadyDelta = PackedDelta | TritonReady | DenseReady | LowRankReady
+
+
+def kernel_part(r: ReadyDelta | None) -> PackedDelta | TritonReady | None:
+    """What a kernel reads of a ready delta: the codes (without any low-rank part), or None."""
+    r = r.main if isinstance(r, LowRankReady) else r
+    return r if isinstance(r, (PackedDelta, TritonReady)) else None
+
+
+def needs_python(r: ReadyDelta | None) -> bool:
+    """A ready delta computed (at least partly) outside the kernel: 16-bit, or with a low-rank part."""
+    return isinstance(r, (DenseReady, LowRankReady))
 
 
 @runtime_checkable
@@ -146,6 +200,8 @@ def dequantize_rows(d: QuantizedDelta, ids: torch.Tensor) -> torch.Tensor:
         )
     if d.salient_idx.numel():
         rows[:, d.salient_idx.long()] = d.salient_values.index_select(0, ids).float()
+    if d.rank:
+        rows += d.lowrank_a.index_select(0, ids).float() @ d.lowrank_b.float()
     return rows
 
 
@@ -168,40 +224,52 @@ class StoredCodesBackend:
                     table=None, layer: int = 0) -> torch.Tensor:
         raise NotImplementedError
 
+    def _ready(self, delta: QuantizedDelta, dtype: torch.dtype) -> ReadyDelta:
+        p = self._pack(delta)
+        return LowRankReady(p, delta.lowrank_a.to(dtype), delta.lowrank_b.to(dtype)) if delta.rank else p
+
     def prepare(self, delta: CompressedDelta, dtype: torch.dtype) -> ReadyDelta:
         if isinstance(delta, QuantizedDelta):
-            return self._pack(delta)
+            return self._ready(delta, dtype)
         return DenseReady(delta.values.to(dtype), delta)
 
     def ready_nbytes(self, delta: CompressedDelta, dtype: torch.dtype) -> int:
         if len(delta.shape) != 2:
             return 0
         if isinstance(delta, QuantizedDelta):
-            return self._pack_nbytes(delta)
+            return self._pack_nbytes(delta) + lowrank_extra_nbytes(delta, dtype)
         return 0 if delta.values.dtype == dtype else delta.shape[0] * delta.shape[1] * dtype.itemsize
 
     def _python_segments(self, x: torch.Tensor, y: torch.Tensor, segments: list, layer: int) -> None:
+        """Segments the kernel left: 16-bit deltas, long segments of quantized ones (the kernel
+        skips those), and the low-rank parts of deltas that have one (of every segment)."""
         for table, a, b in segments:
             r = table.ready[layer]
             if isinstance(r, DenseReady):
                 y[a:b].add_(F.linear(x[a:b], r.weight))
-            elif r is not None and b - a >= self.dense_min_tokens:
-                y[a:b].add_(F.linear(x[a:b], self._dequantize(r, x.dtype, table=table, layer=layer)))
+                continue
+            if r is not None and b - a >= self.dense_min_tokens:
+                y[a:b].add_(F.linear(x[a:b], self._dequantize(kernel_part(r), x.dtype, table=table, layer=layer)))
+            if isinstance(r, LowRankReady):
+                r.add_product(x[a:b], y[a:b])
 
     def prepare_rows(self, delta: CompressedDelta) -> ReadyDelta | DenseDelta:
-        return self._pack(delta) if isinstance(delta, QuantizedDelta) else delta
+        return self._ready(delta, torch.float16) if isinstance(delta, QuantizedDelta) else delta  # factors as stored
 
     def gather_rows(self, source: ReadyDelta | DenseDelta, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(source, DenseDelta):
             return source.values.index_select(0, ids).float()
-        return self._dequantize(source, torch.float32, ids)
+        rows = self._dequantize(kernel_part(source), torch.float32, ids)
+        if isinstance(source, LowRankReady):
+            rows += source.rows(ids)
+        return rows
 
 
 @dataclass
 class CpuExpertTable:
     addresses: torch.Tensor  # int64 [layers]: descriptor address of the layer's packed delta, 0 if none
     ready: list[ReadyDelta | None]
-    has_dense: bool  # some layer holds a DenseReady (16-bit delta), computed outside the kernel
+    has_dense: bool  # some layer holds a DenseReady (16-bit delta) or a LowRankReady: partly computed outside the kernel
 
 
 @dataclass
@@ -229,9 +297,9 @@ class CpuKernelBackend(StoredCodesBackend):
         return cpu_kernel.dequantize(r, dtype, rows)
 
     def expert_table(self, ready: Sequence[ReadyDelta | None]) -> CpuExpertTable:
-        addresses = torch.tensor([r.desc.data_ptr() if isinstance(r, PackedDelta) else 0 for r in ready],
+        addresses = torch.tensor([0 if (p := kernel_part(r)) is None else p.desc.data_ptr() for r in ready],
                                  dtype=torch.int64)
-        return CpuExpertTable(addresses, list(ready), any(isinstance(r, DenseReady) for r in ready))
+        return CpuExpertTable(addresses, list(ready), any(needs_python(r) for r in ready))
 
     def plan(self, segments: Sequence[tuple[CpuExpertTable, int, int]]) -> CpuPlan:
         if not segments:
@@ -253,7 +321,7 @@ class CpuKernelBackend(StoredCodesBackend):
 class TritonExpertTable:
     descs: torch.Tensor  # int64 [layers, DESC_FIELDS] on the device; a zero row: no delta there
     ready: list[ReadyDelta | None]
-    has_dense: bool  # some layer holds a DenseReady (16-bit delta), computed outside the kernel
+    has_dense: bool  # some layer holds a DenseReady or a LowRankReady: (partly) computed outside the kernel
 
 
 @dataclass
@@ -286,9 +354,9 @@ class TritonBackend(StoredCodesBackend):
     def expert_table(self, ready: Sequence[ReadyDelta | None]) -> TritonExpertTable:
         descs = torch.zeros(len(ready), triton_kernel.DESC_FIELDS, dtype=torch.int64)
         for i, r in enumerate(ready):
-            if isinstance(r, TritonReady):
-                descs[i] = r.desc
-        return TritonExpertTable(descs.to(self.device), list(ready), any(isinstance(r, DenseReady) for r in ready))
+            if (p := kernel_part(r)) is not None:
+                descs[i] = p.desc
+        return TritonExpertTable(descs.to(self.device), list(ready), any(needs_python(r) for r in ready))
 
     def plan(self, segments: Sequence[tuple[TritonExpertTable, int, int]]) -> TritonPlan:
         kernel = [(t, a, b) for t, a, b in segments if b - a < self.dense_min_tokens]
