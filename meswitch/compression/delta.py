@@ -9,6 +9,10 @@ Two kinds exist:
 A QuantizedDelta may also carry a low-rank part (format version 2, `--method lowrank`): float16
 factors A [out, r] and B [r, in] whose product is added to the reconstruction, D = Q + A B.
 
+- SvdDelta (format version 2, `--method svd-mixed`): the delta as factors only, D = A B, stored
+  as blocks of singular-vector pairs, each block's rows of A^T and of B quantized at its own bit
+  width with one step size and offset per row.
+
 Either may carry `extra_rows`: rows of an embedding / LM head that the expert added to the
 vocabulary, stored whole (they have no base rows to be a delta of).
 
@@ -221,13 +225,111 @@ class DenseDelta:
         return d
 
 
-CompressedDelta = QuantizedDelta | DenseDelta
+SVD_PARTS = ("a_codes", "a_scale", "a_offset", "b_codes", "b_scale", "b_offset")
+
+
+@dataclass
+class SvdBlock:
+    """`rank` consecutive singular-vector pairs at one bit width: the rows of A^T [rank, out] and
+    of B [rank, in] as packed codes, each row with its own float16 step size and offset."""
+    bits: int
+    a_codes: torch.Tensor  # uint8 [rank, packed_row_bytes(out, bits)]
+    a_scale: torch.Tensor  # float16 [rank, 1]
+    a_offset: torch.Tensor  # float16 [rank, 1]
+    b_codes: torch.Tensor  # uint8 [rank, packed_row_bytes(in, bits)]
+    b_scale: torch.Tensor  # float16 [rank, 1]
+    b_offset: torch.Tensor  # float16 [rank, 1]
+
+    @property
+    def rank(self) -> int:
+        return int(self.a_codes.shape[0])
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, p) for p in SVD_PARTS)
+
+    def factors(self, out: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A^T rows [rank, out], B rows [rank, in]) in float32."""
+        a = dequantize_codes(unpack_codes(self.a_codes, self.bits, out), AffineParams(self.a_scale, self.a_offset, 0))
+        b = dequantize_codes(unpack_codes(self.b_codes, self.bits, cols), AffineParams(self.b_scale, self.b_offset, 0))
+        return a, b
+
+
+@dataclass
+class SvdDelta:
+    shape: tuple[int, int]  # [out, in]
+    blocks: list[SvdBlock]  # in order along the spectrum; D = sum over blocks of A_blk B_blk
+    extra_rows: torch.Tensor | None = None
+    kind: str = field(default="svd", init=False)
+
+    @property
+    def rank(self) -> int:
+        return sum(b.rank for b in self.blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0].a_codes.device if self.blocks else torch.device("cpu")
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [out, r], B [r, in]) in float32, D = A @ B (r = 0: empty factors)."""
+        out, cols = self.shape
+        if not self.blocks:
+            return torch.zeros(out, 0), torch.zeros(0, cols)
+        parts = [blk.factors(out, cols) for blk in self.blocks]
+        return torch.cat([a for a, _ in parts]).t().contiguous(), torch.cat([b for _, b in parts])
+
+    def dequantize(self) -> torch.Tensor:
+        return self.dequantize_rows(0, self.shape[0])
+
+    def dequantize_rows(self, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) of A @ B, float32 (the factors are small: they are dequantized whole)."""
+        fa, fb = self.factors()
+        return fa[a:min(b, self.shape[0])] @ fb
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(t) for blk in self.blocks for t in blk.tensors()) + _nbytes(self.extra_rows)
+
+    def to_tensors(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"{prefix}.svd{i}.{p}": t for i, blk in enumerate(self.blocks) for p, t in zip(SVD_PARTS, blk.tensors())}
+        if self.extra_rows is not None:
+            tensors[f"{prefix}.extra_rows"] = self.extra_rows
+        meta = {"kind": "svd", "shape": list(self.shape),
+                "blocks": [{"rank": blk.rank, "bits": blk.bits} for blk in self.blocks]}
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, prefix: str, meta: dict, get) -> "SvdDelta":
+        blocks = [SvdBlock(int(rec["bits"]), *(get(f"{prefix}.svd{i}.{p}") for p in SVD_PARTS))
+                  for i, rec in enumerate(meta["blocks"])]
+        d = cls(tuple(int(v) for v in meta["shape"]), blocks, get(f"{prefix}.extra_rows", None))  # type: ignore[arg-type]
+        if [blk.rank for blk in blocks] != [int(rec["rank"]) for rec in meta["blocks"]]:
+            raise ValueError(f"{prefix}: block ranks do not match the layout record")
+        d.validate()
+        return d
+
+    def validate(self) -> None:
+        out, cols = self.shape
+        if self.rank > min(out, cols):
+            raise ValueError(f"rank {self.rank} exceeds min({out}, {cols})")
+        for blk in self.blocks:
+            r = blk.rank
+            want = {"a_codes": (r, packed_row_bytes(out, blk.bits)), "b_codes": (r, packed_row_bytes(cols, blk.bits))}
+            for p, t in zip(SVD_PARTS, blk.tensors()):
+                dtype = torch.uint8 if p.endswith("codes") else torch.float16
+                if r < 1 or t.dtype != dtype or tuple(t.shape) != want.get(p, (r, 1)):
+                    raise ValueError(f"svd block {p} has shape {tuple(t.shape)} / {t.dtype}, expected "
+                                     f"{want.get(p, (r, 1))} / {dtype}")
+
+
+CompressedDelta = QuantizedDelta | DenseDelta | SvdDelta
 
 
 def delta_from_tensors(prefix: str, meta: dict, get) -> CompressedDelta:
     kind = meta.get("kind")
     if kind == "quantized":
         return QuantizedDelta.from_tensors(prefix, meta, get)
+    if kind == "svd":
+        return SvdDelta.from_tensors(prefix, meta, get)
     if kind == "dense":
         return DenseDelta.from_tensors(prefix, meta, get)
     raise ValueError(f"unknown delta kind {kind!r} for {prefix}")
@@ -263,6 +365,12 @@ def apply_delta_rows(base_rows: torch.Tensor, delta: CompressedDelta, a: int, b:
 def delta_to(delta: CompressedDelta, device: torch.device | str) -> CompressedDelta:
     """The same delta with every stored tensor on `device` (itself when they are there already)."""
     device = torch.device(device)
+    if isinstance(delta, SvdDelta):
+        tensors = [t for blk in delta.blocks for t in blk.tensors()] + [t for t in (delta.extra_rows,) if t is not None]
+        if all(t.device == device for t in tensors):
+            return delta
+        return SvdDelta(delta.shape, [SvdBlock(blk.bits, *(t.to(device) for t in blk.tensors())) for blk in delta.blocks],
+                        None if delta.extra_rows is None else delta.extra_rows.to(device))
     if delta.packed.device == device if isinstance(delta, QuantizedDelta) else delta.values.device == device:
         return delta
     move = lambda t: None if t is None else t.to(device)  # noqa: E731

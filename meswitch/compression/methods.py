@@ -8,6 +8,9 @@
 - bitdelta sign(delta) times one scale per matrix (mean |delta|), as in BitDelta.
 - lowrank  `mixed` of the delta minus a rank-r part, plus that part as float16 factors, fitted
            by alternating (lowrank.py); the rank comes from a bit budget, --rank-bits.
+- svd-mixed  the delta as its activation-weighted singular-vector pairs only, in blocks of
+           different bit widths (8 / 4 / 3 / 2 / 1 bits, the tail dropped) allocated greedily by
+           singular-value energy to meet --bits per parameter (svd_mixed.py, Delta-CoMe style).
 - fp16     the delta itself in 16 bits (float32 where float16 would not reproduce the expert).
 """
 from __future__ import annotations
@@ -21,8 +24,9 @@ from .delta import CompressedDelta, DenseDelta, QuantizedDelta
 from .lowrank import lowrank_matrix
 from .packing import SUPPORTED_BITS, pack_codes
 from .quantizer import AffineParams, dequantize_codes, fit_affine, quantize_codes
+from .svd_mixed import svd_mixed_matrix
 
-METHODS = ("mixed", "rtn", "bitdelta", "fp16", "lowrank")
+METHODS = ("mixed", "rtn", "bitdelta", "fp16", "lowrank", "svd-mixed")
 VALUE_DTYPE = torch.float16
 
 
@@ -46,7 +50,7 @@ class CompressionSpec:
     def validate(self) -> "CompressionSpec":
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.method in ("mixed", "rtn", "lowrank") and self.bits not in SUPPORTED_BITS:
+        if self.method in ("mixed", "rtn", "lowrank", "svd-mixed") and self.bits not in SUPPORTED_BITS:
             raise ValueError(f"--bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         check_salient(self.salient)
         if self.group_size < 0:
@@ -66,6 +70,8 @@ class CompressionSpec:
         d = asdict(self)
         if self.method != "lowrank":
             d.pop("rank_bits")
+        if self.method == "svd-mixed":  # no salient channels, no groups: one step size per singular vector
+            d = {"method": self.method, "bits": self.bits, "compress_embeddings": self.compress_embeddings}
         if self.method in ("bitdelta", "fp16"):
             d = {"method": self.method, "compress_embeddings": self.compress_embeddings}
             if self.method == "bitdelta":
@@ -252,6 +258,8 @@ def compress_matrix(
     if spec.method == "bitdelta":
         return bitdelta_matrix(rows)
     k = spec.salient_count(rows.shape[1])
+    if spec.method == "svd-mixed":  # the SVD needs the whole matrix: one tensor in float32
+        return svd_mixed_matrix(rows.read(0, rows.shape[0]), spec.bits, col_weight)
     if spec.method == "lowrank":  # the SVD needs the whole matrix: one tensor in float32
         return lowrank_matrix(rows.read(0, rows.shape[0]), spec.bits, spec.rank_bits, k, spec.group_size, col_weight)
     return quantize_matrix(rows, spec.bits, spec.group_size, k, col_weight)
