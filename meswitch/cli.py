@@ -127,8 +127,9 @@ def cmd_compress(args) -> int:
         compress_embeddings=not args.keep_embeddings_16bit,
         rank_bits=args.rank_bits,
     ).validate()
-    if args.method == "fp16" and args.tune_steps:
-        raise UsageError("--tune-steps has nothing to tune with --method fp16")
+    if args.method in ("fp16", "svd-mixed") and args.tune_steps:
+        raise UsageError(f"--tune-steps has nothing to tune with --method {args.method}"
+                         + (" (its quantized singular vectors are not tuned)" if args.method == "svd-mixed" else ""))
     if not 0 <= args.heldout < 1:
         raise UsageError("--heldout must be a fraction in [0, 1)")
     for n, p in experts:
@@ -286,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--expert", action="append", metavar="NAME=PATH", help="an expert checkpoint (repeatable)")
     c.add_argument("--out", required=True, help="bundle directory (created, or extended if it exists)")
     c.add_argument("--method", choices=METHODS, default="mixed")
-    c.add_argument("--bits", type=int, default=2, help="bits per quantized weight: 1, 2, 3, 4 or 8 (default 2)")
+    c.add_argument("--bits", type=int, default=2, help="bits per quantized weight: 1, 2, 3, 4 or 8 (default 2); "
+                        "--method svd-mixed: the target average bits per parameter, every stored byte counted")
     c.add_argument("--salient", type=_parse_salient, default=0.01,
                    help="16-bit input channels per matrix: a count, or a fraction if < 1 (default 0.01)")
     c.add_argument("--group-size", type=_int_at_least(0), default=0, help="input columns per step size (0: per output channel)")
@@ -298,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-max-len", type=_int_at_least(2), default=128, help="tokens per sample")
     c.add_argument("--heldout", type=float, default=0.25, help="fraction of samples held out for the quality report")
     c.add_argument("--tune-steps", type=_int_at_least(0), default=0,
-                   help="step-size tuning steps: per layer (blockwise) or in total (end-to-end) (default 0: off)")
+                   help="step-size tuning steps: per layer (blockwise) or in total (end-to-end) (default 0: off; "
+                        "refused with fp16, which has nothing to tune, and with svd-mixed, whose deltas are not tuned)")
     c.add_argument("--tune", choices=TUNE_MODES, default=DEFAULT_TUNE,
                    help="blockwise: each layer's output to the expert layer's (bounded memory); end-to-end: KL of the "
                         "whole model's predictions (loads the whole base); both (default %(default)s)")

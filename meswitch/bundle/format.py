@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..compression.delta import CompressedDelta, delta_from_tensors
+from ..compression.delta import SVD_PARTS, CompressedDelta, delta_from_tensors
 from ..compression.packing import SUPPORTED_BITS, packed_row_bytes
 from ..compression.quantizer import num_groups
 from ..files import (durable_replace, fsync_tree, is_temp_name, remove_path, temp_is_abandoned,
@@ -47,8 +47,9 @@ FORMAT_NAME = "meswitch-bundle"
 FORMAT_VERSION = 1  # of the manifest
 DELTA_FORMAT = "meswitch-delta"
 # Delta files: version 2 adds an optional low-rank part to quantized tensors (`rank` in the layout
-# record, tensors T.lowrank_a / T.lowrank_b). A writer writes 2 only for a file that has one, so
-# files without it stay readable by version-1 readers; this reader reads both.
+# record, tensors T.lowrank_a / T.lowrank_b) and the kind `svd` (quantized singular-vector blocks,
+# tensors T.svd<i>.*). A writer writes 2 only for a file that has either, so files without them
+# stay readable by version-1 readers; this reader reads both.
 DELTA_FORMAT_VERSIONS = (1, 2)
 LOWRANK_DELTA_VERSION = 2
 MANIFEST = "manifest.json"
@@ -276,6 +277,29 @@ def check_layout_record(tname: str, record, header: Callable[[str], tuple[str, t
             need("lowrank_b", ("F16",), (rank, cols))
         elif header(f"{tname}.lowrank_a") is not None or header(f"{tname}.lowrank_b") is not None:
             raise BundleError(f"{tname}: low-rank factors stored but no rank in its layout record")
+        shape = (out, cols)
+    elif kind == "svd":
+        if version < LOWRANK_DELTA_VERSION:
+            raise BundleError(f"{tname}: kind 'svd' needs delta format version {LOWRANK_DELTA_VERSION}")
+        out, cols = _dims(record.get("shape"), tname, 2)
+        blocks = record.get("blocks")
+        if not isinstance(blocks, list):
+            raise BundleError(f"{tname}: 'blocks' must be a list of {{rank, bits}}")
+        total = 0
+        for i, blk in enumerate(blocks):
+            rank, bits = (blk.get("rank"), blk.get("bits")) if isinstance(blk, dict) else (None, None)
+            if bits not in SUPPORTED_BITS or isinstance(bits, bool):
+                raise BundleError(f"{tname}: block {i} has unsupported bit width {bits!r}")
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+                raise BundleError(f"{tname}: block {i} has invalid rank {rank!r}")
+            total += rank
+            for part in SVD_PARTS:
+                n = out if part == "a_codes" else cols if part == "b_codes" else None
+                need(f"svd{i}.{part}", ("U8",) if n else ("F16",), (rank, packed_row_bytes(n, bits) if n else 1))
+        if total > min(out, cols):
+            raise BundleError(f"{tname}: total rank {total} exceeds min({out}, {cols})")
+        if header(f"{tname}.svd{len(blocks)}.a_codes") is not None:
+            raise BundleError(f"{tname}: more svd blocks stored than its layout record lists")
         shape = (out, cols)
     elif kind == "dense":
         shape = _dims(record.get("shape"), tname)
@@ -647,8 +671,9 @@ class Bundle:
 
     def delta_metadata(self, name: str, layout: dict[str, dict]) -> dict[str, str]:
         """The __metadata__ of an expert's delta file (docs/FORMAT.md): version 2 only when some
-        tensor has a low-rank part, so that every other file stays readable by version-1 readers."""
-        lowrank = any(m.get("rank") for m in layout.values())
+        tensor has a low-rank part or is of kind `svd`, so that every other file stays readable by
+        version-1 readers."""
+        lowrank = any(m.get("rank") or m.get("kind") == "svd" for m in layout.values())
         return {
             "format": DELTA_FORMAT,
             "format_version": str(LOWRANK_DELTA_VERSION if lowrank else 1),

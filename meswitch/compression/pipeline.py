@@ -101,8 +101,8 @@ def compress_expert(
     spec.validate()
     if tune not in TUNE_MODES:
         raise ValueError(f"--tune must be one of {', '.join(TUNE_MODES)}, got {tune!r}")
-    if spec.method == "fp16":
-        tune_steps = 0  # nothing to tune
+    if spec.method in ("fp16", "svd-mixed"):
+        tune_steps = 0  # nothing to tune (svd-mixed: its quantized singular vectors are not tuned)
     check_compatible(base, expert, name)
     fp = base_fingerprint or fingerprint(base)
 

@@ -13,13 +13,11 @@ makes between its LoRA layers and its punica wrapper). The protocol:
     prepare_rows(delta)          -> rows source  once per hot expert, for its embedding delta
     gather_rows(source, ids)     -> float32 rows of the delta, for embedding lookups
 
-A delta with a low-rank part (`--method lowrank`: D = Q + A B) is never made dense by the `cpu`
-backend: Q goes through the kernel like any quantized delta and A B is added as two thin GEMMs,
-y += (x B^T) A^T (LowRankReady).
-
 A delta with a low-rank part (`--method lowrank`: D = Q + A B) is never made dense by the kernel
 backends: Q goes through the kernel like any quantized delta and A B is added as two thin GEMMs,
-y += (x B^T) A^T (LowRankReady).
+y += (x B^T) A^T (LowRankReady). A delta stored as factors only (`--method svd-mixed`, SvdDelta:
+D = A B) is a LowRankReady with no kernel part: its quantized factors are dequantized to the
+compute dtype at prepare() (A [out, r] and B [r, in], small) and only the two thin GEMMs run.
 
 Segments are contiguous token ranges of one expert each (the engine orders tokens by expert),
 the layout of Punica's SGMV and DeltaZip's SBMM: one call per layer covers every expert.
@@ -48,7 +46,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from ..compression.delta import CompressedDelta, DenseDelta, QuantizedDelta
+from ..compression.delta import CompressedDelta, DenseDelta, QuantizedDelta, SvdDelta
 from ..compression.quantizer import expand_groups
 from . import cpu_kernel, triton_kernel
 from .cpu_kernel import PackedDelta
@@ -81,20 +79,23 @@ class DenseReady:
 class LowRankReady:
     """A quantized delta with a low-rank part (D = Q + A B): Q as the kernel reads it (`main`), and
     the factors A [out, r], B [r, in] in the compute dtype (the stored float16 tensors themselves
-    when that is the dtype), applied as two thin GEMMs, y += (x B^T) A^T."""
-    main: PackedDelta | TritonReady
+    when that is the dtype), applied as two thin GEMMs, y += (x B^T) A^T. With `main` None the
+    delta is the factors alone (an SvdDelta's, dequantized: every byte of them is the ready form's)."""
+    main: PackedDelta | TritonReady | None
     a: torch.Tensor
     b: torch.Tensor
 
     @property
     def nbytes(self) -> int:
+        if self.main is None:
+            return _nbytes(self.a, self.b)
         d = self.main.delta
         own = {d.lowrank_a.data_ptr(), d.lowrank_b.data_ptr()}
         return self.main.nbytes + sum(_nbytes(t) for t in (self.a, self.b) if t.data_ptr() not in own)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.main.shape
+        return (self.a.shape[0], self.b.shape[1]) if self.main is None else self.main.shape
 
     def add_product(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += x @ (A B)^T, as (x B^T) A^T."""
@@ -106,7 +107,10 @@ class LowRankReady:
 
 
 def lowrank_extra_nbytes(delta: CompressedDelta, dtype: torch.dtype) -> int:
-    """Memory of the low-rank factors in the compute dtype, beyond the stored float16 ones."""
+    """Memory of the low-rank factors in the compute dtype, beyond the stored float16 ones (an
+    SvdDelta's factors are all new: dequantized from its codes)."""
+    if isinstance(delta, SvdDelta):
+        return delta.rank * (delta.shape[0] + delta.shape[1]) * dtype.itemsize
     if not isinstance(delta, QuantizedDelta) or not delta.rank or dtype == torch.float16:
         return 0
     return delta.rank * (delta.shape[0] + delta.shape[1]) * dtype.itemsize
@@ -180,6 +184,9 @@ class ReferenceBackend:
     def gather_rows(self, source: CompressedDelta, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(source, DenseDelta):
             return source.values.index_select(0, ids).float()
+        if isinstance(source, SvdDelta):
+            a, b = source.factors()
+            return a.index_select(0, ids) @ b
         return dequantize_rows(source, ids)
 
 
@@ -224,18 +231,23 @@ class StoredCodesBackend:
                     table=None, layer: int = 0) -> torch.Tensor:
         raise NotImplementedError
 
-    def _ready(self, delta: QuantizedDelta, dtype: torch.dtype) -> ReadyDelta:
+    def _ready(self, delta: QuantizedDelta | SvdDelta, dtype: torch.dtype) -> ReadyDelta:
+        if isinstance(delta, SvdDelta):  # factors only: no kernel part
+            a, b = delta.factors()
+            return LowRankReady(None, a.to(dtype), b.to(dtype))
         p = self._pack(delta)
         return LowRankReady(p, delta.lowrank_a.to(dtype), delta.lowrank_b.to(dtype)) if delta.rank else p
 
     def prepare(self, delta: CompressedDelta, dtype: torch.dtype) -> ReadyDelta:
-        if isinstance(delta, QuantizedDelta):
+        if isinstance(delta, (QuantizedDelta, SvdDelta)):
             return self._ready(delta, dtype)
         return DenseReady(delta.values.to(dtype), delta)
 
     def ready_nbytes(self, delta: CompressedDelta, dtype: torch.dtype) -> int:
         if len(delta.shape) != 2:
             return 0
+        if isinstance(delta, SvdDelta):
+            return lowrank_extra_nbytes(delta, dtype)
         if isinstance(delta, QuantizedDelta):
             return self._pack_nbytes(delta) + lowrank_extra_nbytes(delta, dtype)
         return 0 if delta.values.dtype == dtype else delta.shape[0] * delta.shape[1] * dtype.itemsize
@@ -248,17 +260,21 @@ class StoredCodesBackend:
             if isinstance(r, DenseReady):
                 y[a:b].add_(F.linear(x[a:b], r.weight))
                 continue
-            if r is not None and b - a >= self.dense_min_tokens:
+            if kernel_part(r) is not None and b - a >= self.dense_min_tokens:
                 y[a:b].add_(F.linear(x[a:b], self._dequantize(kernel_part(r), x.dtype, table=table, layer=layer)))
             if isinstance(r, LowRankReady):
                 r.add_product(x[a:b], y[a:b])
 
     def prepare_rows(self, delta: CompressedDelta) -> ReadyDelta | DenseDelta:
+        if isinstance(delta, SvdDelta):  # float32 factors: rows as SvdDelta.dequantize computes them
+            return self._ready(delta, torch.float32)
         return self._ready(delta, torch.float16) if isinstance(delta, QuantizedDelta) else delta  # factors as stored
 
     def gather_rows(self, source: ReadyDelta | DenseDelta, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(source, DenseDelta):
             return source.values.index_select(0, ids).float()
+        if kernel_part(source) is None:
+            return source.rows(ids)
         rows = self._dequantize(kernel_part(source), torch.float32, ids)
         if isinstance(source, LowRankReady):
             rows += source.rows(ids)
