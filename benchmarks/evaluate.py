@@ -161,6 +161,11 @@ VARIANTS = [
     ("lowrank-1-tuned", "lowrank", 1, 0, DEFAULT_TUNE, 4),
     ("lowrank-2", "lowrank", 2, 0, 0, 4),
     ("lowrank-2-tuned", "lowrank", 2, 0, DEFAULT_TUNE, 4),
+    # beyond the paper (issue 15), Delta-CoMe style (--method svd-mixed): only the activation-
+    # weighted delta's singular-vector pairs, in blocks of 8/4/3/2/1 bits, at --bits per parameter
+    # with every stored byte counted (embeddings too); not tuned
+    ("svd-mixed-1", "svd-mixed", 1, 0, 0, 4),
+    ("svd-mixed-2", "svd-mixed", 2, 0, 0, 4),
 ]
 RANK_BITS = {1: 0.2, 2: 0.1}  # lowrank: bits per parameter for the factors (1.25 and 2.16 bits in all)
 ONLY: list[str] | None = None  # --variants: run only these
@@ -328,7 +333,7 @@ def run_variants(ctx: ExpertContext, untuned: tuple, tuned: list[tuple]) -> None
         return
     t0 = time.time()
     _, method, bits, salient, _, _ = untuned
-    spec = CompressionSpec(method=method, bits=bits if method in ("mixed", "rtn", "lowrank") else 2, salient=salient,
+    spec = CompressionSpec(method=method, bits=bits if method in ("mixed", "rtn", "lowrank", "svd-mixed") else 2, salient=salient,
                            rank_bits=RANK_BITS.get(bits, 0.2)).validate()
     deltas = compress_tensors(ctx.base, ctx.expert, spec, ctx.moments, ctx.progress)
     t_compress = time.time() - t0
@@ -683,7 +688,8 @@ def stage_tasks(work: Path, base_dir: Path, files, experts: list[str], who_list:
 
 # -------------------------------------------------------------------------------------- report
 MAIN_ROWS = ["fp16", "mixed-3-tuned", "mixed-3", "rtn-3", "mixed-2-tuned", "mixed-2", "lowrank-2-tuned", "lowrank-2",
-             "rtn-2", "lowrank-1-tuned", "lowrank-1", "mixed-1-tuned", "mixed-1", "rtn-1", "bitdelta-tuned", "bitdelta"]
+             "svd-mixed-2", "rtn-2", "lowrank-1-tuned", "lowrank-1", "mixed-1-tuned", "mixed-1", "svd-mixed-1", "rtn-1",
+             "bitdelta-tuned", "bitdelta"]
 DEFAULT_VARIANT = "mixed-2-tuned"
 CMD = ("HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 nice -n 19 python benchmarks/evaluate.py "
        "--base BASE --workdir /work/cache/eval")
@@ -890,9 +896,10 @@ def plot(bases, rows, path: Path) -> None:
               "bitdelta, tuned": lambda r: r["method"] == "bitdelta" and r["tune_steps"],
               "fp16": lambda r: r["method"] == "fp16",
               "lowrank": lambda r: r["method"] == "lowrank" and not r["tune_steps"],
-              "lowrank, tuned": lambda r: r["method"] == "lowrank" and r["tune_steps"]}
-    markers = dict(zip(series, "o^sDvxPX"))
-    colors = dict(zip(series, ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7"]))
+              "lowrank, tuned": lambda r: r["method"] == "lowrank" and r["tune_steps"],
+              "svd-mixed": lambda r: r["method"] == "svd-mixed"}
+    markers = dict(zip(series, "o^sDvxPX*"))
+    colors = dict(zip(series, ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8"]))
     handles = {}
     for ax, n in zip(axes[0], names):
         for label, pick in series.items():
@@ -947,7 +954,7 @@ def main() -> None:
                    choices=["data", "finetune", "check", "compress", "tasks", "rescore", "report", "all"])
     p.add_argument("--experts", nargs="+", default=list(DOMAINS), choices=DOMAINS)
     p.add_argument("--max-priority", type=int, default=4,
-                   help="1: main variants, 2: + other bit widths, 3: + ablations, 4: + beyond the paper (lowrank)")
+                   help="1: main variants, 2: + other bit widths, 3: + ablations, 4: + beyond the paper (lowrank, svd-mixed)")
     p.add_argument("--variants", nargs="+", help="compress stage: only these variants (default: all up to --max-priority)")
     p.add_argument("--results-name", default="eval",
                    help="report stage: benchmarks/results/NAME_variants.json, NAME.md, ... (default eval)")
