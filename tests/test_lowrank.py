@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 
@@ -91,21 +92,26 @@ def test_spec_and_registry():
 
 
 # ----- bundles and the runtime -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def lr(tmp_path_factory, tokenizer):
-    """Tiny experts: math compressed with lowrank (1 bit, 2 bits/param of factors: the tiny
-    matrices need that for rank >= 1), code with plain mixed; float32 materialized copies."""
-    d = tmp_path_factory.mktemp("lowrank")
+def two_expert_bundle(d, tokenizer, math_args: list[str]):
+    """d/bundle with the tiny lively experts: math compressed with `math_args`, code with plain
+    mixed; float32 materialized copies in d/mat_math, d/mat_code."""
     save_lively_experts(d, tokenizer)
     calib = d / "calib.txt"
     calib.write_text("\n".join(CORPUS) + "\n")
     common = ["--base", str(d / "base"), "--out", str(d / "bundle"), "--calib", str(calib), "--heldout", "0"]
-    assert main(["compress", *common, "--expert", f"math={d / 'math'}", "--method", "lowrank", "--bits", "1",
-                 "--rank-bits", "2", "--salient", "0", "--tune-steps", "2"]) == 0
+    assert main(["compress", *common, "--expert", f"math={d / 'math'}", *math_args]) == 0
     assert main(["compress", *common, "--expert", f"code={d / 'code'}"]) == 0
     for name in ("math", "code"):
         assert main(["materialize", str(d / "bundle"), name, "--out", str(d / f"mat_{name}"), "--dtype", "float32"]) == 0
     return d
+
+
+@pytest.fixture(scope="module")
+def lr(tmp_path_factory, tokenizer):
+    """Tiny experts: math compressed with lowrank (1 bit, 2 bits/param of factors: the tiny
+    matrices need that for rank >= 1), code with plain mixed; float32 materialized copies."""
+    return two_expert_bundle(tmp_path_factory.mktemp("lowrank"), tokenizer, [
+        "--method", "lowrank", "--bits", "1", "--rank-bits", "2", "--salient", "0", "--tune-steps", "2"])
 
 
 def weights_file(d, name):
@@ -113,14 +119,20 @@ def weights_file(d, name):
     return b.path / b.entry(name)["weights"]
 
 
+@contextlib.contextmanager
+def math_file_v2(d):
+    """(base and float32 materialized math state dicts, math's delta file open with safetensors,
+    its layout records); the file must be version 2."""
+    base = AutoModelForCausalLM.from_pretrained(d / "base", dtype=torch.float32).state_dict()
+    mat = AutoModelForCausalLM.from_pretrained(d / "mat_math", dtype=torch.float32).state_dict()
+    with safe_open(weights_file(d, "math"), framework="pt") as f:
+        assert f.metadata()["format_version"] == "2"
+        yield base, mat, f, json.loads(f.metadata()["tensors"])
+
+
 def test_the_file_reconstructs_by_the_format_definition(lr):
     """docs/FORMAT.md, kind `quantized` with a low-rank part, read with safetensors only."""
-    base = AutoModelForCausalLM.from_pretrained(lr / "base", dtype=torch.float32).state_dict()
-    mat = AutoModelForCausalLM.from_pretrained(lr / "mat_math", dtype=torch.float32).state_dict()
-    with safe_open(weights_file(lr, "math"), framework="pt") as f:
-        meta = f.metadata()
-        assert meta["format_version"] == "2"
-        layout = json.loads(meta["tensors"])
+    with math_file_v2(lr) as (base, mat, f, layout):
         ranked = 0
         for t, rec in layout.items():
             if rec["kind"] != "quantized":
@@ -171,22 +183,29 @@ def test_versions_are_checked(lr, tmp_path, version, message):
     assert b.load_deltas("code", verify=False)  # the version-1 expert beside it still loads
 
 
+def assert_mixed_batch_equals_materialized(sw, d) -> list[torch.Tensor]:
+    """One ragged batch mixing math, code and the base, with a prompt >= 32 tokens (the cpu
+    backend's dequantize-then-GEMM route): every row's logits equal those of the float32
+    materialized expert (d/mat_<name>) or of the base. Returns the logits."""
+    long_prompt = " ".join(CORPUS)[:400]
+    reqs = [(e, sw.encode(p, e)) for e, p in zip(["math", "code", None, "math", "math"], [*PROMPTS, long_prompt])]
+    assert len(reqs[-1][1]) >= 32
+    got = ragged_logits(sw, reqs)
+    for (expert, ids), logits in zip(reqs, got):
+        path = d / ("base" if expert is None else f"mat_{expert}")
+        want = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(input_ids=torch.tensor([ids])).logits[0]
+        assert (logits - want).abs().max() < FP32_LOGIT_TOL, (expert, float((logits - want).abs().max()))
+    return got
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_runtime_equals_the_materialized_experts_in_a_mixed_batch(lr, backend):
-    long_prompt = " ".join(CORPUS)[:400]  # >= 32 tokens: the cpu backend's dequantize-then-GEMM route
     with Switch.load(lr / "bundle", dtype="float32", backend=backend) as sw:
         hot = sw.store.acquire_blocking("math")
         if backend == "cpu":  # the low-rank part stays two thin factors, never a dense matrix
             assert sum(isinstance(r, LowRankReady) for r in hot.linear) >= 7
         sw.store.release(hot)
-        reqs = [(e, sw.encode(p, e)) for e, p in zip(["math", "code", None, "math", "math"],
-                                                         [*PROMPTS, long_prompt])]
-        assert len(reqs[-1][1]) >= 32
-        got = ragged_logits(sw, reqs)
-        for (expert, ids), logits in zip(reqs, got):
-            path = lr / ("base" if expert is None else f"mat_{expert}")
-            want = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(input_ids=torch.tensor([ids])).logits[0]
-            assert (logits - want).abs().max() < FP32_LOGIT_TOL, (expert, float((logits - want).abs().max()))
+        assert_mixed_batch_equals_materialized(sw, lr)
         # the low-rank part is a large share of every delta that has one (leaving it out would fail)
         deltas = Bundle.open(lr / "bundle").load_deltas("math")
         share = [float(d.lowrank_product().norm() / d.dequantize().norm()) for d in deltas.values()
@@ -215,25 +234,36 @@ def test_kernel_backends_add_the_low_rank_part_on_every_route(backend, monkeypat
     reference backend, which multiplies by the whole dequantized delta (codes + A B)."""
     from test_kernel import make_delta
 
-    from meswitch.runtime.backend import CpuKernelBackend, ReferenceBackend, TritonBackend
+    be = kernel_backend(backend, monkeypatch)
+    lr = _with_lowrank(make_delta(40, 130, 1, 3, 0, seed=7), 5, seed=1)
+    assert_backends_agree_on_every_route(be, lr, make_delta(40, 130, 2, 0, 0, seed=8))
+    assert isinstance(be.prepare(lr, torch.float32), LowRankReady)
+
+
+def kernel_backend(backend: str, monkeypatch):
+    """The cpu or triton (TRITON_INTERPRET=1; skipped without triton) backend, dense route from 8 tokens."""
+    from meswitch.runtime.backend import CpuKernelBackend, TritonBackend
 
     if backend == "triton":
         pytest.importorskip("triton", reason="the gpu extra (triton) is not installed")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        be = TritonBackend("cpu", dense_min_tokens=8)
-    else:
-        be = CpuKernelBackend(dense_min_tokens=8)
+        return TritonBackend("cpu", dense_min_tokens=8)
+    return CpuKernelBackend(dense_min_tokens=8)
+
+
+def assert_backends_agree_on_every_route(be, delta, plain) -> None:
+    """`delta` ([40, 130]) beside `plain` in one call, short and long (>= 8 tokens) segments of
+    each, and its embedding rows: backend `be` equals the reference backend (whole dequantized delta)."""
+    from meswitch.runtime.backend import ReferenceBackend
+
     ref = ReferenceBackend()
-    lr = _with_lowrank(make_delta(40, 130, 1, 3, 0, seed=7), 5, seed=1)
-    plain = make_delta(40, 130, 2, 0, 0, seed=8)
     x = torch.randn(30, 130)
-    segs = [(0, 0, 3), (1, 3, 6), (0, 6, 20), (1, 20, 30)]  # short and long (>= 8 tokens) of each
+    segs = [(0, 0, 3), (1, 3, 6), (0, 6, 20), (1, 20, 30)]
     got, want = torch.zeros(30, 40), torch.zeros(30, 40)
     for b, y in ((be, got), (ref, want)):
-        tables = [b.expert_table([None, b.prepare(d, torch.float32)]) for d in (lr, plain)]
+        tables = [b.expert_table([None, b.prepare(d, torch.float32)]) for d in (delta, plain)]
         b.segmented_matmul(x, y, b.plan([(tables[e], a, c) for e, a, c in segs]), 1)
     assert (got - want).abs().max() < 1e-5 * want.abs().max()
-    assert isinstance(be.prepare(lr, torch.float32), LowRankReady)
     ids = torch.tensor([39, 0, 7, 7])
-    assert torch.allclose(be.gather_rows(be.prepare_rows(lr), ids), lr.dequantize()[ids], atol=1e-6)
-    assert torch.allclose(ref.gather_rows(ref.prepare_rows(lr), ids), lr.dequantize()[ids], atol=1e-6)
+    for b in (be, ref):
+        assert torch.allclose(b.gather_rows(b.prepare_rows(delta), ids), delta.dequantize()[ids], atol=1e-6)

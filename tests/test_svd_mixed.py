@@ -16,10 +16,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import CORPUS, save_lively_experts
 from safetensors import safe_open
-from test_lowrank import rewrite_header, weighted_error, weights_file
-from test_runtime import FP32_LOGIT_TOL, PROMPTS, ragged_logits
+from test_lowrank import (assert_backends_agree_on_every_route, assert_mixed_batch_equals_materialized, kernel_backend,
+                          math_file_v2, rewrite_header, two_expert_bundle, weighted_error, weights_file)
+from test_runtime import FP32_LOGIT_TOL, PROMPTS
 from transformers import AutoModelForCausalLM
 
 from meswitch.bundle.format import Bundle, BundleError
@@ -100,26 +100,12 @@ def test_spec_registry_and_rows():
 def sv(tmp_path_factory, tokenizer):
     """Tiny experts: math compressed with svd-mixed at 1 bit, code with plain mixed; float32
     materialized copies."""
-    d = tmp_path_factory.mktemp("svd")
-    save_lively_experts(d, tokenizer)
-    calib = d / "calib.txt"
-    calib.write_text("\n".join(CORPUS) + "\n")
-    common = ["--base", str(d / "base"), "--out", str(d / "bundle"), "--calib", str(calib), "--heldout", "0"]
-    assert main(["compress", *common, "--expert", f"math={d / 'math'}", "--method", "svd-mixed", "--bits", "1"]) == 0
-    assert main(["compress", *common, "--expert", f"code={d / 'code'}"]) == 0
-    for name in ("math", "code"):
-        assert main(["materialize", str(d / "bundle"), name, "--out", str(d / f"mat_{name}"), "--dtype", "float32"]) == 0
-    return d
+    return two_expert_bundle(tmp_path_factory.mktemp("svd"), tokenizer, ["--method", "svd-mixed", "--bits", "1"])
 
 
 def test_the_file_reconstructs_by_the_format_definition(sv):
     """docs/FORMAT.md, kind `svd`, read with safetensors only."""
-    base = AutoModelForCausalLM.from_pretrained(sv / "base", dtype=torch.float32).state_dict()
-    mat = AutoModelForCausalLM.from_pretrained(sv / "mat_math", dtype=torch.float32).state_dict()
-    with safe_open(weights_file(sv, "math"), framework="pt") as f:
-        meta = f.metadata()
-        assert meta["format_version"] == "2"
-        layout = json.loads(meta["tensors"])
+    with math_file_v2(sv) as (base, mat, f, layout):
         n_svd = 0
         for t, rec in layout.items():
             if rec["kind"] != "svd":
@@ -180,7 +166,6 @@ def _edit_layout(h, edit) -> None:
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_runtime_equals_the_materialized_experts_in_a_mixed_batch(sv, backend):
-    long_prompt = " ".join(CORPUS)[:400]  # >= 32 tokens: the cpu backend's dequantize-then-GEMM route
     with Switch.load(sv / "bundle", dtype="float32", backend=backend) as sw:
         hot = sw.store.acquire_blocking("math")
         if backend == "cpu":  # factors only: two thin GEMMs, no kernel part, never a dense matrix
@@ -189,44 +174,21 @@ def test_runtime_equals_the_materialized_experts_in_a_mixed_batch(sv, backend):
             r = ready[0]
             assert r.nbytes == 4 * r.a.shape[1] * (r.a.shape[0] + r.b.shape[1])
         sw.store.release(hot)
-        reqs = [(e, sw.encode(p, e)) for e, p in zip(["math", "code", None, "math", "math"], [*PROMPTS, long_prompt])]
-        assert len(reqs[-1][1]) >= 32
-        got = ragged_logits(sw, reqs)
-        for (expert, ids), logits in zip(reqs, got):
-            path = sv / ("base" if expert is None else f"mat_{expert}")
-            want = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(input_ids=torch.tensor([ids])).logits[0]
-            assert (logits - want).abs().max() < FP32_LOGIT_TOL, (expert, float((logits - want).abs().max()))
+        got = assert_mixed_batch_equals_materialized(sw, sv)
         base = AutoModelForCausalLM.from_pretrained(sv / "base", dtype=torch.float32)
-        ids = reqs[0][1]
+        ids = sw.encode(PROMPTS[0], "math")
         assert (base(input_ids=torch.tensor([ids])).logits[0] - got[0]).abs().max() > 10 * FP32_LOGIT_TOL  # the delta counts
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_kernel_backends_on_every_route(backend, monkeypatch):
     """Short and long segments of an svd delta beside a plain quantized delta, and embedding rows:
-    equal to the reference backend (the whole dequantized delta)."""
+    equal to the reference backend (the whole dequantized delta); the ready form's memory is the
+    dequantized factors, counted."""
     from test_kernel import make_delta
 
-    from meswitch.runtime.backend import CpuKernelBackend, ReferenceBackend, TritonBackend
-
-    if backend == "triton":
-        pytest.importorskip("triton", reason="the gpu extra (triton) is not installed")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        be = TritonBackend("cpu", dense_min_tokens=8)
-    else:
-        be = CpuKernelBackend(dense_min_tokens=8)
-    ref = ReferenceBackend()
+    be = kernel_backend(backend, monkeypatch)
     delta, s = decaying_delta(40, 130, seed=3)
     sv = svd_mixed_matrix(delta * 100, 2, s)
-    plain = make_delta(40, 130, 2, 0, 0, seed=8)
-    x = torch.randn(30, 130)
-    segs = [(0, 0, 3), (1, 3, 6), (0, 6, 20), (1, 20, 30)]  # short and long (>= 8 tokens) of each
-    got, want = torch.zeros(30, 40), torch.zeros(30, 40)
-    for b, y in ((be, got), (ref, want)):
-        tables = [b.expert_table([None, b.prepare(d, torch.float32)]) for d in (sv, plain)]
-        b.segmented_matmul(x, y, b.plan([(tables[e], a, c) for e, a, c in segs]), 1)
-    assert (got - want).abs().max() < 1e-5 * want.abs().max()
+    assert_backends_agree_on_every_route(be, sv, make_delta(40, 130, 2, 0, 0, seed=8))
     assert be.ready_nbytes(sv, torch.float32) == be.prepare(sv, torch.float32).nbytes == 4 * sv.rank * (40 + 130)
-    ids = torch.tensor([39, 0, 7, 7])
-    for b in (be, ref):
-        assert torch.allclose(b.gather_rows(b.prepare_rows(sv), ids), sv.dequantize()[ids], atol=1e-6)
