@@ -204,6 +204,10 @@ def test_runtime_equals_the_materialized_experts_in_a_mixed_batch(lr, backend):
         hot = sw.store.acquire_blocking("math")
         if backend == "cpu":  # the low-rank part stays two thin factors, never a dense matrix
             assert sum(isinstance(r, LowRankReady) for r in hot.linear) >= 7
+        assert sw.store._ready_bytes(sw.store.read_packed("math")) == hot.nbytes  # reserved = held
+        sw.store.release(hot)
+        hot = sw.store.acquire_blocking("code")  # a plain mixed expert too
+        assert sw.store._ready_bytes(sw.store.read_packed("code")) == hot.nbytes
         sw.store.release(hot)
         assert_mixed_batch_equals_materialized(sw, lr)
         # the low-rank part is a large share of every delta that has one (leaving it out would fail)

@@ -173,6 +173,10 @@ def test_runtime_equals_the_materialized_experts_in_a_mixed_batch(sv, backend):
             assert len(ready) == 15 and all(r.main is None for r in ready)
             r = ready[0]
             assert r.nbytes == 4 * r.a.shape[1] * (r.a.shape[0] + r.b.shape[1])
+        # What the store reserves is what the hot form holds: with a tied embedding that is the
+        # factors twice (float32 rows for the lookups, the head's in the compute dtype).
+        assert isinstance(hot.embed, LowRankReady) and hot.embed.nbytes > 0
+        assert sw.store._ready_bytes(sw.store.read_packed("math")) == hot.nbytes
         sw.store.release(hot)
         got = assert_mixed_batch_equals_materialized(sw, sv)
         base = AutoModelForCausalLM.from_pretrained(sv / "base", dtype=torch.float32)

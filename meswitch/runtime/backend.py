@@ -11,6 +11,7 @@ makes between its LoRA layers and its punica wrapper). The protocol:
     plan(segments)               -> plan         once per forward pass: [(table, a, b)] token ranges
     segmented_matmul(x, y, plan, layer)          y[a:b] += x[a:b] @ delta_e^T for every segment
     prepare_rows(delta)          -> rows source  once per hot expert, for its embedding delta
+    rows_nbytes(delta)           -> int          memory prepare_rows() adds beyond the packed delta
     gather_rows(source, ids)     -> float32 rows of the delta, for embedding lookups
 
 A delta with a low-rank part (`--method lowrank`: D = Q + A B) is never made dense by the kernel
@@ -116,6 +117,12 @@ def lowrank_extra_nbytes(delta: CompressedDelta, dtype: torch.dtype) -> int:
     return delta.rank * (delta.shape[0] + delta.shape[1]) * dtype.itemsize
 
 
+def svd_rows_nbytes(delta: CompressedDelta) -> int:
+    """What prepare_rows adds for an embedding stored as factors only: both factors in float32
+    (every other kind is read in its stored form)."""
+    return lowrank_extra_nbytes(delta, torch.float32) if isinstance(delta, SvdDelta) else 0
+
+
 ReadyDelta = PackedDelta | TritonReady | DenseReady | LowRankReady
 
 
@@ -145,6 +152,8 @@ class DeltaBackend(Protocol):
     def segmented_matmul(self, x: torch.Tensor, y: torch.Tensor, plan: object, layer: int) -> None: ...
 
     def prepare_rows(self, delta: CompressedDelta) -> object: ...
+
+    def rows_nbytes(self, delta: CompressedDelta) -> int: ...
 
     def gather_rows(self, source: object, ids: torch.Tensor) -> torch.Tensor: ...
 
@@ -178,15 +187,20 @@ class ReferenceBackend:
             if r is not None:
                 y[a:b].add_(F.linear(x[a:b], r.weight))
 
-    def prepare_rows(self, delta: CompressedDelta) -> CompressedDelta:
+    def prepare_rows(self, delta: CompressedDelta) -> CompressedDelta | LowRankReady:
+        if isinstance(delta, SvdDelta):  # float32 factors: rows as SvdDelta.dequantize computes them
+            a, b = delta.factors()
+            return LowRankReady(None, a, b)
         return delta
 
-    def gather_rows(self, source: CompressedDelta, ids: torch.Tensor) -> torch.Tensor:
+    def rows_nbytes(self, delta: CompressedDelta) -> int:
+        return svd_rows_nbytes(delta)
+
+    def gather_rows(self, source: CompressedDelta | LowRankReady, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(source, DenseDelta):
             return source.values.index_select(0, ids).float()
-        if isinstance(source, SvdDelta):
-            a, b = source.factors()
-            return a.index_select(0, ids) @ b
+        if isinstance(source, LowRankReady):
+            return source.rows(ids)
         return dequantize_rows(source, ids)
 
 
@@ -269,6 +283,11 @@ class StoredCodesBackend:
         if isinstance(delta, SvdDelta):  # float32 factors: rows as SvdDelta.dequantize computes them
             return self._ready(delta, torch.float32)
         return self._ready(delta, torch.float16) if isinstance(delta, QuantizedDelta) else delta  # factors as stored
+
+    def rows_nbytes(self, delta: CompressedDelta) -> int:
+        if isinstance(delta, QuantizedDelta):
+            return self._pack_nbytes(delta)  # the stored codes, described (float16 factors as stored)
+        return svd_rows_nbytes(delta)
 
     def gather_rows(self, source: ReadyDelta | DenseDelta, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(source, DenseDelta):

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..compression.delta import CompressedDelta, apply_delta
+from ..compression.delta import CompressedDelta, DenseDelta, QuantizedDelta, apply_delta
 from .backend import DeltaBackend, ReadyDelta
 
 
@@ -56,6 +56,8 @@ class HotExpert:
     def nbytes(self) -> int:
         """Memory beyond the expert's packed deltas (which the store counts on their own)."""
         n = sum(r.nbytes for r in self.linear if r is not None)
+        if self.embed is not None and not isinstance(self.embed, (QuantizedDelta, DenseDelta)):
+            n += self.embed.nbytes  # a ready form made for the lookups (a stored delta read as is costs nothing)
         n += sum(t.numel() * t.element_size() for t in (*self.bias_fix.values(), *self.norm.values()))
         for t in {id(t): t for t in (self.embed_extra, self.head_extra) if t is not None}.values():  # tied: one
             n += t.numel() * t.element_size()

@@ -40,7 +40,7 @@ import torch
 
 from ..compression.delta import CompressedDelta, delta_to
 from .backend import DeltaBackend
-from .layers import HotExpert, build_hot_expert
+from .layers import DeltaEmbedding, HotExpert, build_hot_expert
 
 DEFAULT_BUDGET_FRACTION = 0.8  # of the memory available when the runtime starts
 
@@ -348,8 +348,14 @@ class ExpertStore:
         """What build_hot_expert adds: the backend's matrices, plus norm weights / bias fixes and
         added vocabulary rows materialized in the model dtype."""
         n = 0
-        for d in deltas.values():
-            n += self.backend.ready_nbytes(d, self.dtype) if len(d.shape) == 2 else d.shape[0] * self.dtype.itemsize
+        for tname, d in deltas.items():
+            if isinstance(self.wrapped.get(tname.rpartition(".")[0]), DeltaEmbedding):
+                # rows for the lookups; a tied LM head also prepares the same delta as a matrix
+                n += self.backend.rows_nbytes(d) + (self.backend.ready_nbytes(d, self.dtype) if self.tied else 0)
+            elif len(d.shape) == 2:
+                n += self.backend.ready_nbytes(d, self.dtype)
+            else:
+                n += d.shape[0] * self.dtype.itemsize
             if d.extra_rows is not None:
                 n += d.extra_rows.numel() * self.dtype.itemsize
         return n
