@@ -273,7 +273,7 @@ class SvdDelta:
         """(A [out, r], B [r, in]) in float32, D = A @ B (r = 0: empty factors)."""
         out, cols = self.shape
         if not self.blocks:
-            return torch.zeros(out, 0), torch.zeros(0, cols)
+            return torch.zeros(out, 0, device=self.device), torch.zeros(0, cols, device=self.device)
         parts = [blk.factors(out, cols) for blk in self.blocks]
         return torch.cat([a for a, _ in parts]).t().contiguous(), torch.cat([b for _, b in parts])
 

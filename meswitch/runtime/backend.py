@@ -110,9 +110,8 @@ class LowRankReady:
 def lowrank_extra_nbytes(delta: CompressedDelta, dtype: torch.dtype) -> int:
     """Memory of the low-rank factors in the compute dtype, beyond the stored float16 ones (an
     SvdDelta's factors are all new: dequantized from its codes)."""
-    if isinstance(delta, SvdDelta):
-        return delta.rank * (delta.shape[0] + delta.shape[1]) * dtype.itemsize
-    if not isinstance(delta, QuantizedDelta) or not delta.rank or dtype == torch.float16:
+    stored_as_is = isinstance(delta, QuantizedDelta) and dtype == torch.float16
+    if not isinstance(delta, (QuantizedDelta, SvdDelta)) or not delta.rank or stored_as_is:
         return 0
     return delta.rank * (delta.shape[0] + delta.shape[1]) * dtype.itemsize
 
