@@ -55,19 +55,24 @@ def random_delta(out: int, cols: int, bits: int = 2, salient: float = 0.01, seed
                           (torch.randn(out, k, generator=g) * 1e-2).to(torch.float16))
 
 
-def fastest(fns, reps: int) -> list[float]:
+def fastest(fns, reps: int, isas: list[str] | None = None) -> list[float]:
+    """Fastest time of each function over `reps` alternating rounds; isas[i] (if given): the kernel's
+    instruction set while fns[i] runs (switched outside the timed part)."""
+    isas = isas or [""] * len(fns)
     best = [float("inf")] * len(fns)
-    for f in fns:
+    for f, isa in zip(fns, isas):
+        cpu_kernel.select_isa(isa)
         f()
     for _ in range(reps):
-        for i, f in enumerate(fns):
+        for i, (f, isa) in enumerate(zip(fns, isas)):
+            cpu_kernel.select_isa(isa)
             t = time.perf_counter()
             f()
             best[i] = min(best[i], time.perf_counter() - t)
     return best
 
 
-def bench_shape(out: int, cols: int, dtype: torch.dtype, pool_bytes: int, reps: int) -> list[dict]:
+def bench_shape(out: int, cols: int, dtype: torch.dtype, pool_bytes: int, reps: int, isa: str) -> list[dict]:
     n_base = max(1, pool_bytes // (out * cols * dtype.itemsize))
     bases = [torch.randn(out, cols).to(dtype) for _ in range(n_base)]
     d0 = random_delta(out, cols)
@@ -89,14 +94,23 @@ def bench_shape(out: int, cols: int, dtype: torch.dtype, pool_bytes: int, reps: 
             state["d"] = (state["d"] + 1) % len(tables)
             torch.ops.meswitch.segmented_delta_mm(x, y, tables[state["d"]], bounds, 0, 1 << 30)
 
-        base_s, delta_s, base_hot, delta_hot = fastest([
-            base_stream, delta_stream, lambda: F.linear(x, bases[0]),
-            lambda: torch.ops.meswitch.segmented_delta_mm(x, y, tables[0], bounds, 0, 1 << 30)], reps)
+        fns = [base_stream, delta_stream, lambda: F.linear(x, bases[0]),
+               lambda: torch.ops.meswitch.segmented_delta_mm(x, y, tables[0], bounds, 0, 1 << 30)]
+        isas = [isa] * 4
+        # with AVX-512 BF16, bf16 activations take the dot-product kernel; the float path beside it
+        if isa == "avx512_bf16" and dtype == torch.bfloat16:
+            fns.append(delta_stream)
+            isas.append("avx512")
+        times = fastest(fns, reps, isas)
+        cpu_kernel.select_isa(isa)
+        base_s, delta_s, base_hot, delta_hot = times[:4]
         # the alternative for many tokens: dequantize once, then a dense GEMM
         (dense_s,) = fastest([lambda: F.linear(x, cpu_kernel.dequantize(packed[0], dtype))], max(3, reps // 4))
         rows.append({"tokens": t, "base_us": base_s * 1e6, "delta_us": delta_s * 1e6, "ratio": delta_s / base_s,
                      "base_hot_us": base_hot * 1e6, "delta_hot_us": delta_hot * 1e6, "ratio_hot": delta_hot / base_hot,
                      "dequant_gemm_ratio": dense_s / base_s})
+        if len(times) > 4:
+            rows[-1]["float_path_ratio"] = times[4] / base_s
     return rows
 
 
@@ -121,11 +135,12 @@ def main() -> None:
         limit = bits / (8 * dtype.itemsize)
         for name in args.shapes:
             out, cols = SHAPES[name]
-            for r in bench_shape(out, cols, dtype, args.pool_mib << 20, args.reps):
+            for r in bench_shape(out, cols, dtype, args.pool_mib << 20, args.reps, isa):
                 r.update({"shape": name, "dtype": dname, "traffic_limit": limit})
                 res["results"].append(r)
                 print(f"  {dname:8s} {name:26s} t={r['tokens']:3d}: delta/base {r['ratio']:.3f} "
-                      f"(limit {limit:.3f}; cache-hot {r['ratio_hot']:.2f}; dequant+GEMM {r['dequant_gemm_ratio']:.2f}) "
+                      f"(limit {limit:.3f}; cache-hot {r['ratio_hot']:.2f}; dequant+GEMM {r['dequant_gemm_ratio']:.2f}"
+                      + (f"; float path {r['float_path_ratio']:.3f}" if "float_path_ratio" in r else "") + ") "
                       f"base {r['base_us']:.0f} us", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

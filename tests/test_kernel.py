@@ -1,6 +1,7 @@
 """The CPU delta kernel against the reference: dequantize the stored delta, multiply with PyTorch.
 
-Every instruction set the machine has is checked in turn (AVX-512, AVX2, portable code): the
+Every instruction set the machine has is checked in turn (AVX-512 with BF16 dot products,
+AVX-512, AVX2, portable code): the
 kernel's own switch (`select_isa`) picks each one, so a layout or dispatch bug of any of them fails
 here on a machine that has them. CI additionally runs this file under ATEN_CPU_CAPABILITY=avx2.
 """
@@ -16,7 +17,7 @@ from meswitch.runtime import cpu_kernel
 from meswitch.runtime.backend import CpuKernelBackend, ReferenceBackend
 
 FP32_REL = 1e-5
-ISAS = ["avx512", "avx2", "generic"]
+ISAS = ["avx512_bf16", "avx512", "avx2", "generic"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -85,6 +86,30 @@ def test_kernel_equals_the_dequantized_product(isa, bits):
             err = (got - want).abs().max() / want.abs().max()
             assert err < FP32_REL, (out, cols, sal, group, tokens, float(err))
             assert torch.all(got[0] == 0) and torch.all(got[-1] == 0)  # rows outside the segment untouched
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_bfloat16_activations_are_within_one_bf16_rounding(isa, bits):
+    """bf16 activations (AVX-512 BF16 takes its dot-product kernel for 1, 2 and 4 bits; the rest,
+    and every other instruction set, the float path): y + x @ D^T rounded once to bf16."""
+    isa_or_skip(isa)
+    cases = [  # (out, in, salient, group): one and several blocks, tails, groups of whole blocks
+        (40, 576, 6, 0), (37, 101, 1, 0), (19, 1100, 0, 256), (21, 513, 3, 128), (9, 250, 0, 48),
+        (64, 64, 0, 0), (17, 1536, 15, 512), (5, 3, 3, 0),
+    ]
+    for i, (out, cols, sal, group) in enumerate(cases):
+        d = make_delta(out, cols, bits, sal, group, seed=10 * bits + i)
+        for tokens in (1, 2, 3, 4, 7, 8, 9, 17, 40):
+            x = torch.randn(tokens + 2, cols).to(torch.bfloat16)
+            y0 = torch.randn(tokens + 2, out).to(torch.bfloat16)
+            segs = [(1, 1 + tokens)]
+            got = kernel_product(x, d, segs, y=y0.clone()).float()
+            want = y0.float() + reference_product(x.float(), d, segs)
+            # half a bf16 step of the exact value, plus float32 accumulation error where the sum cancels
+            size = y0.float().abs() + x.float().abs() @ d.dequantize().abs().t()
+            assert torch.all((got - want).abs() <= want.abs() * 2.0 ** -8 + 1e-6 * size), (out, cols, sal, group, tokens)
+            assert torch.equal(got[0], y0[0].float()) and torch.equal(got[-1], y0[-1].float())
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -6,10 +6,11 @@ after the torch version and a hash of the sources, so a changed source or anothe
 anew. `make venv` builds it once up front (`python -m meswitch.runtime.cpu_kernel`).
 
 It registers the torch ops `meswitch::segmented_delta_mm`, `meswitch::dequantize` and
-`meswitch::select_isa`. It dispatches at run time on the CPU's instruction set (AVX-512, AVX2,
-or portable code, which is also what ARM64 gets, vectorised for NEON by the compiler);
-ATEN_CPU_CAPABILITY and MESWITCH_CPU_ISA cap the choice (`avx2`, `generic`), so an AVX-512
-machine can run the AVX2 or portable code for testing.
+`meswitch::select_isa`. It dispatches at run time on the CPU's instruction set (AVX-512 with
+BF16 dot products, AVX-512, AVX2, or portable code, which is also what ARM64 gets, vectorised
+for NEON by the compiler); ATEN_CPU_CAPABILITY and MESWITCH_CPU_ISA cap the choice (`avx2`,
+`generic`; MESWITCH_CPU_ISA also `avx512`, AVX-512 without the bf16 kernel), so one machine
+can run every lower level's code for testing.
 
 A delta is described to the kernel by a descriptor: DESC_FIELDS int64 values holding its shape,
 bit width, grouping and the addresses of its stored tensors (codes, step sizes, offsets,
@@ -31,7 +32,7 @@ import torch
 from ..compression.delta import QuantizedDelta
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
-SOURCES = ("delta_cpu.cpp", "delta_cpu_impl.h")
+SOURCES = ("delta_cpu.cpp", "delta_cpu_impl.h", "delta_cpu_bf16.h")
 DESC_MAGIC = 0x4D45535744310001  # must match delta_cpu.cpp
 DESC_FIELDS = 16
 CFLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-unused-function"]
@@ -105,8 +106,8 @@ def unavailable_reason() -> str | None:
 
 
 def select_isa(name: str = "") -> str:
-    """The instruction set the kernel uses now; `name` ("auto", "avx512", "avx2", "generic")
-    switches to the best one the CPU supports up to that one."""
+    """The instruction set the kernel uses now; `name` ("auto", "avx512_bf16", "avx512", "avx2",
+    "generic") switches to the best one the CPU supports up to that one."""
     load()
     return torch.ops.meswitch.select_isa(name)
 

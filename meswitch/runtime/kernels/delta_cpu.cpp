@@ -8,8 +8,8 @@
 //       bounds int64 [S, 2]: token range [a, b) of segment s. Segments of max_tokens tokens or
 //       more are left to the caller (a dense GEMM is faster there).
 //   meswitch::dequantize(desc, rows, dtype) -> [len(rows) or out, in]
-//   meswitch::select_isa(name) -> the instruction set now in use ("" = keep; "auto", "avx512",
-//       "avx2", "generic": the best one this CPU supports, capped at the one named)
+//   meswitch::select_isa(name) -> the instruction set now in use ("" = keep; "auto", "avx512_bf16",
+//       "avx512", "avx2", "generic": the best one this CPU supports, capped at the one named)
 //
 // A descriptor is an int64 tensor of DESC_FIELDS values written by cpu_kernel.py (field order
 // below). It holds the addresses of the delta's own tensors, which the Python side keeps alive
@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -75,6 +76,17 @@ static Desc read_desc(int64_t address) {
 #if defined(__x86_64__) || defined(_M_X64)
 #define MESWITCH_X86 1
 #pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c,bmi2")
+namespace isa_avx512_bf16 {
+#define MESWITCH_ISA 3
+#include "delta_cpu_impl.h"
+#define HOT inline __attribute__((always_inline))
+#include "delta_cpu_bf16.h"
+#undef HOT
+#undef MESWITCH_ISA
+}
+#pragma GCC pop_options
+#pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi2")
 namespace isa_avx512 {
 #define MESWITCH_ISA 2
@@ -97,22 +109,26 @@ namespace isa_generic {
 #undef MESWITCH_ISA
 }
 
-enum Isa : int { GENERIC = 0, AVX2 = 1, AVX512 = 2 };
-static const char* ISA_NAMES[] = {"generic", "avx2", "avx512"};
+enum Isa : int { GENERIC = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };
+static const char* ISA_NAMES[] = {"generic", "avx2", "avx512", "avx512_bf16"};
 
 static int cpu_best_isa() {
 #ifdef MESWITCH_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
-    return AVX512;
+    return __builtin_cpu_supports("avx512bf16") ? AVX512_BF16 : AVX512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return AVX2;
 #endif
   return GENERIC;
 }
 
-static int isa_from_name(const std::string& s) {
-  if (s == "avx512" || s == "avx512_vnni" || s == "avx512_bf16" || s == "amx" || s == "zen") return AVX512;
+// PyTorch's ATEN_CPU_CAPABILITY names its top x86 level "avx512" (which does not stop oneDNN's
+// bf16 instructions), so from that variable "avx512" caps nothing; meswitch's own names tell the
+// two AVX-512 levels apart.
+static int isa_from_name(const std::string& s, bool aten = false) {
+  if (s == "avx512_bf16" || s == "amx" || (aten && s.rfind("avx512", 0) == 0)) return AVX512_BF16;
+  if (s == "avx512" || s == "avx512_vnni" || s == "zen") return AVX512;
   if (s == "avx2") return AVX2;
   if (s == "generic" || s == "default") return GENERIC;
   return -1;
@@ -125,7 +141,7 @@ static int default_isa() {
   for (const char* var : {"ATEN_CPU_CAPABILITY", "MESWITCH_CPU_ISA"}) {
     const char* v = std::getenv(var);
     if (v && *v) {
-      int cap = isa_from_name(v);
+      int cap = isa_from_name(v, var[0] == 'A');
       if (cap >= 0) isa = std::min(isa, cap);
     }
   }
@@ -148,7 +164,8 @@ std::string select_isa(const std::string& name) {
     g_isa.store(default_isa());
   } else if (!name.empty()) {
     int cap = isa_from_name(name);
-    TORCH_CHECK(cap >= 0, "meswitch: unknown instruction set '", name, "' (auto, avx512, avx2, generic)");
+    TORCH_CHECK(cap >= 0, "meswitch: unknown instruction set '", name,
+                "' (auto, avx512_bf16, avx512, avx2, generic)");
     g_isa.store(std::min(cap, cpu_best_isa()));
   }
   return ISA_NAMES[current_isa()];
@@ -160,6 +177,7 @@ using RowsFn = void (*)(const Desc&, int64_t, int64_t, int64_t, const float*, co
 static RowsFn rows_fn() {
   switch (current_isa()) {
 #ifdef MESWITCH_X86
+    case AVX512_BF16: return isa_avx512_bf16::segment_rows;
     case AVX512: return isa_avx512::segment_rows;
     case AVX2: return isa_avx2::segment_rows;
 #endif
@@ -171,6 +189,7 @@ template <typename T>
 static void dequantize_dispatch(const Desc& d, const int64_t* rows, int64_t n_rows, T* out) {
   switch (current_isa()) {
 #ifdef MESWITCH_X86
+    case AVX512_BF16: return isa_avx512_bf16::dequantize_rows<T>(d, rows, n_rows, out);
     case AVX512: return isa_avx512::dequantize_rows<T>(d, rows, n_rows, out);
     case AVX2: return isa_avx2::dequantize_rows<T>(d, rows, n_rows, out);
 #endif
@@ -195,12 +214,36 @@ static void gather_row(const T* x, const Desc& d, float* xq, float* xs, float* t
 }
 
 constexpr int64_t ROW_BLOCK = 16;  // output rows per work item
+static_assert(ROW_BLOCK == 16, "the bf16 kernel finishes 16 rows per vector (bf_segment_rows)");
 
 struct Segment {
   Desc d;
   int64_t a, tokens;
   size_t x_off;  // offset of its gathered activations in the scratch buffer
+  bool bf16;     // computed by the AVX-512 BF16 kernel (delta_cpu_bf16.h), gathered its way
 };
+
+// Whether a segment goes to the bf16 dot-product kernel: bf16 activations, a CPU (and selected
+// instruction set) with AVX-512 BF16, and a delta that kernel takes (1, 2 or 4 bits, ...).
+template <typename T>
+static bool use_bf16_kernel(const Desc& d) {
+#ifdef MESWITCH_X86
+  return std::is_same_v<T, c10::BFloat16> && current_isa() == AVX512_BF16 && d.n > 0 &&
+         isa_avx512_bf16::bf16_eligible(d);
+#else
+  (void)d;
+  return false;
+#endif
+}
+
+// Floats of gathered activations per token of a segment.
+static int64_t gathered_floats(const Desc& d, bool bf16) {
+#ifdef MESWITCH_X86
+  if (bf16) return isa_avx512_bf16::bf_layout(d).stride;
+#endif
+  (void)bf16;
+  return isa_generic::padded(d.n) + d.k;
+}
 
 template <typename T>
 static void segmented_impl(const at::Tensor& x, at::Tensor& y, const at::Tensor& table, const at::Tensor& bounds,
@@ -221,15 +264,26 @@ static void segmented_impl(const at::Tensor& x, at::Tensor& y, const at::Tensor&
     Desc d = read_desc(addr);
     TORCH_CHECK(d.in == in && d.out == out, "meswitch: delta of shape [", d.out, ", ", d.in,
                 "] applied to a layer of shape [", out, ", ", in, "]");
-    segs.push_back({d, a, b - a, scratch});
-    scratch += static_cast<size_t>((b - a) * (isa_generic::padded(d.n) + d.k));
+    const bool bf = use_bf16_kernel<T>(d);
+    segs.push_back({d, a, b - a, scratch, bf});
+    scratch += static_cast<size_t>((b - a) * gathered_floats(d, bf));
   }
   if (segs.empty()) return;
 
   std::vector<float> xg(scratch), tmp(static_cast<size_t>(isa_generic::padded(in)));
   for (const Segment& sg : segs) {
-    const int64_t n16 = isa_generic::padded(sg.d.n);
     float* xq = xg.data() + sg.x_off;
+#ifdef MESWITCH_X86
+    if (sg.bf16) {
+      const auto L = isa_avx512_bf16::bf_layout(sg.d);
+      std::vector<uint16_t> q(static_cast<size_t>(sg.d.n));
+      for (int64_t t = 0; t < sg.tokens; ++t)
+        isa_avx512_bf16::bf_gather_row(reinterpret_cast<const uint16_t*>(xp + (sg.a + t) * in), sg.d, L,
+                                       xq + t * L.stride, q.data());
+      continue;
+    }
+#endif
+    const int64_t n16 = isa_generic::padded(sg.d.n);
     float* xs = xq + sg.tokens * n16;
     for (int64_t t = 0; t < sg.tokens; ++t)
       gather_row<T>(xp + (sg.a + t) * in, sg.d, xq + t * n16, xs + t * sg.d.k, tmp.data());
@@ -247,7 +301,7 @@ static void segmented_impl(const at::Tensor& x, at::Tensor& y, const at::Tensor&
 
   at::parallel_for(0, n_items, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> wbuf(static_cast<size_t>(isa_generic::padded(in)));
-    std::vector<float> acc, sal;
+    std::vector<float> acc, sal, bfbuf;
     size_t si = std::upper_bound(first_item.begin(), first_item.end(), begin) - first_item.begin() - 1;
     for (int64_t item = begin; item < end; ++item) {
       while (item >= first_item[si + 1]) ++si;
@@ -256,6 +310,14 @@ static void segmented_impl(const at::Tensor& x, at::Tensor& y, const at::Tensor&
       acc.resize(static_cast<size_t>(sg.tokens * (r1 - r0)));
       sal.resize(static_cast<size_t>(sg.d.k * (r1 - r0)));
       const float* xq = xg.data() + sg.x_off;
+#ifdef MESWITCH_X86
+      if (sg.bf16) {  // adds into y itself (T is BFloat16 here)
+        bfbuf.resize(static_cast<size_t>(isa_avx512_bf16::bf_scratch_floats(sg.d)));
+        isa_avx512_bf16::bf_segment_rows(sg.d, r0, r1, sg.tokens, xq,
+                                         reinterpret_cast<c10::BFloat16*>(yp) + sg.a * out, out, bfbuf.data());
+        continue;
+      }
+#endif
       rows(sg.d, r0, r1, sg.tokens, xq, xq + sg.tokens * isa_generic::padded(sg.d.n), acc.data(), r1 - r0,
            wbuf.data(), sal.data());
       for (int64_t t = 0; t < sg.tokens; ++t) {

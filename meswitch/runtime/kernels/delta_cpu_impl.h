@@ -1,6 +1,7 @@
 // The delta kernels themselves, written once with GCC vector extensions and compiled once per
 // instruction set: delta_cpu.cpp includes this file inside a namespace, with MESWITCH_ISA set
-// (2: AVX-512, 1: AVX2 + FMA + F16C, 0: the target's baseline) and a matching
+// (3: AVX-512 with BF16, 2: AVX-512, 1: AVX2 + FMA + F16C, 0: the target's baseline; 3 compiles the
+// same code as 2 here, and adds delta_cpu_bf16.h's kernel for bf16 activations) and a matching
 // `#pragma GCC target`. The same source gives 16-lane AVX-512 code, 2 x 8-lane AVX2 code, SSE2
 // code, or NEON code on ARM64; nothing here depends on the layout of another library.
 //
@@ -49,7 +50,7 @@ constexpr int LANES = 16;
 // Tokens accumulated together against one row: one accumulator vector per token stays in a
 // register. AVX-512 has 32 vector registers (8 tokens: 8 accumulators + codes + step sizes);
 // AVX2 has 16 of 8 lanes, so a 16-lane vector takes two and 4 tokens already use 8.
-#if MESWITCH_ISA == 2
+#if MESWITCH_ISA >= 2
 constexpr int ROW_TOKENS = 8;
 #else
 constexpr int ROW_TOKENS = 4;
@@ -147,7 +148,7 @@ struct Acc {
 // 16 bytes widened to 16 int32 lanes. (GCC widens a byte vector element by element, 16
 // inserts, so x86 gets the widening load.)
 static HOT vi widen_bytes(const uint8_t* p) {
-#if MESWITCH_ISA == 2
+#if MESWITCH_ISA >= 2
   const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   vi v;
   std::memcpy(&v, &w, sizeof v);
@@ -205,7 +206,7 @@ static HOT vf codes16(const uint8_t* p, int64_t left) {
 // n halves to floats (16 at a time with F16C where there is one).
 static inline void halves_to_floats(const c10::Half* h, float* f, int64_t n) {
   int64_t i = 0;
-#if MESWITCH_ISA == 2
+#if MESWITCH_ISA >= 2
   for (; i + 16 <= n; i += 16)
     _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))));
 #elif MESWITCH_ISA == 1
@@ -319,7 +320,7 @@ static void dot_token_block(int nt, const float* w, const float* x, int64_t stri
     case 1: return dot_tokens<1>(w, x, stride, n16, acc);
     case 2: return dot_tokens<2>(w, x, stride, n16, acc);
     case 3: return dot_tokens<3>(w, x, stride, n16, acc);
-#if MESWITCH_ISA == 2
+#if MESWITCH_ISA >= 2
     case 4: return dot_tokens<4>(w, x, stride, n16, acc);
     case 5: return dot_tokens<5>(w, x, stride, n16, acc);
     case 6: return dot_tokens<6>(w, x, stride, n16, acc);
@@ -380,7 +381,7 @@ static void fused_rows_t(const Desc& d, int64_t o, int nt, const float* xq, int6
     case 1: return fused_row<B, 1>(d, o, xq, stride, acc);
     case 2: return fused_row<B, 2>(d, o, xq, stride, acc);
     case 3: return fused_row<B, 3>(d, o, xq, stride, acc);
-#if MESWITCH_ISA == 2
+#if MESWITCH_ISA >= 2
     case 4: return fused_row<B, 4>(d, o, xq, stride, acc);
     case 5: return fused_row<B, 5>(d, o, xq, stride, acc);
     case 6: return fused_row<B, 6>(d, o, xq, stride, acc);
