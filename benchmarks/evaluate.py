@@ -362,7 +362,7 @@ def run_variants(ctx: ExpertContext, untuned: tuple, tuned: list[tuple]) -> None
 
 
 KEEP_BUNDLES = {"fp16", "mixed-2-tuned", "rtn-2", "bitdelta", "bitdelta-tuned", "mixed-3-tuned", "mixed-1-tuned",
-                "lowrank-1", "lowrank-1-tuned"}
+                "lowrank-1", "lowrank-1-tuned", "svd-mixed-1"}
 
 
 def _tune_samples(name: str, ablate: list[str], max_priority: int) -> int:

@@ -124,6 +124,43 @@ struct BfAcc {
     }
   }
 
+  // Two rows at once: w for this row, w2 for the next one (accumulators in `b`), against the same
+  // activations: each activation vector is loaded once for both (loads, not multiply-adds, are
+  // what one row at a time runs out of with several tokens).
+  template <int SLOT>
+  HOT void add2(BfAcc& b, __m512i w, __m512i w2, const float* x, int64_t stride) {
+#define MESWITCH_DP2(A, T)                                          \
+  {                                                                 \
+    const __m512i xv = _mm512_loadu_si512(x + (T) * stride);        \
+    A = _mm512_dpbf16_ps(A, (__m512bh)w, (__m512bh)xv);             \
+    b.A = _mm512_dpbf16_ps(b.A, (__m512bh)w2, (__m512bh)xv);        \
+  }
+    if constexpr (NT == 1) {
+      if constexpr (SLOT == 0) MESWITCH_DP2(a0, 0)
+      if constexpr (SLOT == 1) MESWITCH_DP2(a1, 0)
+      if constexpr (SLOT == 2) MESWITCH_DP2(a2, 0)
+      if constexpr (SLOT == 3) MESWITCH_DP2(a3, 0)
+    } else if constexpr (NT == 2) {
+      if constexpr (SLOT == 0) {
+        MESWITCH_DP2(a0, 0)
+        MESWITCH_DP2(a1, 1)
+      } else {
+        MESWITCH_DP2(a2, 0)
+        MESWITCH_DP2(a3, 1)
+      }
+    } else {
+      MESWITCH_DP2(a0, 0)
+      MESWITCH_DP2(a1, 1)
+      MESWITCH_DP2(a2, 2)
+      if constexpr (NT > 3) MESWITCH_DP2(a3, 3)
+      if constexpr (NT > 4) MESWITCH_DP2(a4, 4)
+      if constexpr (NT > 5) MESWITCH_DP2(a5, 5)
+      if constexpr (NT > 6) MESWITCH_DP2(a6, 6)
+      if constexpr (NT > 7) MESWITCH_DP2(a7, 7)
+    }
+#undef MESWITCH_DP2
+  }
+
   // Per token t: its 16 lanes (the chains added together) stored at v + t * tstride.
   HOT void store_lanes(float* v, int64_t tstride) const {
     if constexpr (NT == 1) {
@@ -244,6 +281,50 @@ static HOT void bf_row(const Desc& d, const BfLayout& L, int64_t o, int64_t ro, 
   for (int t = 0; t < NT; ++t) fin[t * 16 + ro] = acc[t];
 }
 
+// The 32 bytes of codes at j of a row (only the row's own bytes: a masked load at its end),
+// widened to 16-bit lanes.
+template <int B>
+static HOT __m512i bf_block_bytes(const Desc& d, const uint8_t* row, int64_t j) {
+  const uint8_t* p = row + j * B / 8;
+  const int64_t left = d.row_bytes - j * B / 8;
+  const __m256i raw = __builtin_expect(left >= 32, 1)
+                          ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                          : _mm256_maskz_loadu_epi8(static_cast<__mmask32>((uint64_t{1} << left) - 1), p);
+  return _mm512_cvtepu8_epi16(raw);
+}
+
+// Rows o and o + 1 (the ro-th and next of their block), one step size per row: as bf_row, with
+// every activation vector shared by the two rows (BfAcc::add2).
+template <int B, int NT>
+static HOT void bf_row_pair(const Desc& d, const BfLayout& L, int64_t o, int64_t ro, const float* x,
+                            const __m512i* t, float* lanes) {
+  const uint8_t* ra = d.codes + o * d.row_bytes;
+  const uint8_t* rb = ra + d.row_bytes;
+  constexpr int64_t BLK = 256 / B;
+  constexpr int SL = BfAcc<NT>::SLOTS;
+  const int64_t stride = L.stride;
+  BfAcc<NT> a, b;
+  for (int64_t j = 0; j < d.n; j += BLK) {
+    const __m512i la = bf_block_bytes<B>(d, ra, j), lb = bf_block_bytes<B>(d, rb, j);
+    const __m512i ha = _mm512_srli_epi16(la, BF_HI<B>), hb = _mm512_srli_epi16(lb, BF_HI<B>);
+    const float* xj = x + j / 2;
+    a.template add2<0>(b, bf_plane<B, 0>(la, ha, t), bf_plane<B, 0>(lb, hb, t), xj, stride);
+    a.template add2<1 % SL>(b, bf_plane<B, 1>(la, ha, t), bf_plane<B, 1>(lb, hb, t), xj + 16, stride);
+    if constexpr (B <= 2) {
+      a.template add2<2 % SL>(b, bf_plane<B, 2>(la, ha, t), bf_plane<B, 2>(lb, hb, t), xj + 32, stride);
+      a.template add2<3 % SL>(b, bf_plane<B, 3>(la, ha, t), bf_plane<B, 3>(lb, hb, t), xj + 48, stride);
+    }
+    if constexpr (B == 1) {
+      a.template add2<4 % SL>(b, bf_plane<B, 4>(la, ha, t), bf_plane<B, 4>(lb, hb, t), xj + 64, stride);
+      a.template add2<5 % SL>(b, bf_plane<B, 5>(la, ha, t), bf_plane<B, 5>(lb, hb, t), xj + 80, stride);
+      a.template add2<6 % SL>(b, bf_plane<B, 6>(la, ha, t), bf_plane<B, 6>(lb, hb, t), xj + 96, stride);
+      a.template add2<7 % SL>(b, bf_plane<B, 7>(la, ha, t), bf_plane<B, 7>(lb, hb, t), xj + 112, stride);
+    }
+  }
+  a.store_lanes(lanes + ro * 16, 256);
+  b.store_lanes(lanes + (ro + 1) * 16, 256);
+}
+
 // Rows [r0, r1) against NT tokens (bf_row, inlined: one call per block of rows).
 template <int B, int NT>
 static void bf_rows(const Desc& d, const BfLayout& L, int64_t r0, int64_t r1, const float* x, float* lanes,
@@ -251,7 +332,10 @@ static void bf_rows(const Desc& d, const BfLayout& L, int64_t r0, int64_t r1, co
   static const BfTables<B> tb;
   __m512i t[5];
   for (int r = 0; r < 5; ++r) t[r] = tb.t[r];
-  for (int64_t o = r0; o < r1; ++o) bf_row<B, NT>(d, L, o, o - r0, x, t, lanes, fin);
+  int64_t o = r0;
+  if (d.n_groups == 1)
+    for (; o + 1 < r1; o += 2) bf_row_pair<B, NT>(d, L, o, o - r0, x, t, lanes);
+  for (; o < r1; ++o) bf_row<B, NT>(d, L, o, o - r0, x, t, lanes, fin);
 }
 
 template <int B>
