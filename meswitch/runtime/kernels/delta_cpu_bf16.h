@@ -232,6 +232,18 @@ static HOT __m512i bf_plane(__m512i lo, __m512i hi, const __m512i* t) {
   return _mm512_permutexvar_epi16(low ? lo : hi, t[low ? P * B : P * B - BF_HI<B>]);
 }
 
+// The 32 bytes of codes at j of a row (only the row's own bytes: a masked load at its end),
+// widened to 16-bit lanes.
+template <int B>
+static HOT __m512i bf_block_bytes(const Desc& d, const uint8_t* row, int64_t j) {
+  const uint8_t* p = row + j * B / 8;
+  const int64_t left = d.row_bytes - j * B / 8;
+  const __m256i raw = __builtin_expect(left >= 32, 1)
+                          ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                          : _mm256_maskz_loadu_epi8(static_cast<__mmask32>((uint64_t{1} << left) - 1), p);
+  return _mm512_cvtepu8_epi16(raw);
+}
+
 // Row o (the ro-th of its block of 16) against NT tokens whose gathered rows start at x, quantized
 // columns only. One step size per row: token t's 16 float32 lanes of sum_j q_j x_j go to
 // lanes[t * 256 + ro * 16 ..] (scaled later, 16 rows at once). Groups: the row's dot product
@@ -251,12 +263,7 @@ static HOT void bf_row(const Desc& d, const BfLayout& L, int64_t o, int64_t ro, 
   for (int64_t g = 0; g < d.n_groups; ++g) {
     const int64_t end = g + 1 == d.n_groups ? d.n : (g + 1) * d.group_size;
     for (; j < end; j += BLK) {
-      const uint8_t* p = row + j * B / 8;
-      const int64_t left = d.row_bytes - j * B / 8;
-      const __m256i raw = __builtin_expect(left >= 32, 1)
-                              ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                              : _mm256_maskz_loadu_epi8(static_cast<__mmask32>((uint64_t{1} << left) - 1), p);
-      const __m512i bytes = _mm512_cvtepu8_epi16(raw);
+      const __m512i bytes = bf_block_bytes<B>(d, row, j);
       const __m512i hi = _mm512_srli_epi16(bytes, BF_HI<B>);
       const float* xj = x + j / 2;
       a.template add<0>(bf_plane<B, 0>(bytes, hi, t), xj, stride);
@@ -279,18 +286,6 @@ static HOT void bf_row(const Desc& d, const BfLayout& L, int64_t o, int64_t ro, 
     for (int t = 0; t < NT; ++t) acc[t] += s * dot[t] + z * sums[t * stride];
   }
   for (int t = 0; t < NT; ++t) fin[t * 16 + ro] = acc[t];
-}
-
-// The 32 bytes of codes at j of a row (only the row's own bytes: a masked load at its end),
-// widened to 16-bit lanes.
-template <int B>
-static HOT __m512i bf_block_bytes(const Desc& d, const uint8_t* row, int64_t j) {
-  const uint8_t* p = row + j * B / 8;
-  const int64_t left = d.row_bytes - j * B / 8;
-  const __m256i raw = __builtin_expect(left >= 32, 1)
-                          ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                          : _mm256_maskz_loadu_epi8(static_cast<__mmask32>((uint64_t{1} << left) - 1), p);
-  return _mm512_cvtepu8_epi16(raw);
 }
 
 // Rows o and o + 1 (the ro-th and next of their block), one step size per row: as bf_row, with
