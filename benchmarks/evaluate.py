@@ -166,6 +166,8 @@ VARIANTS = [
     # with every stored byte counted (embeddings too); not tuned
     ("svd-mixed-1", "svd-mixed", 1, 0, 0, 4),
     ("svd-mixed-2", "svd-mixed", 2, 0, 0, 4),
+    # the same at the 2-bit point's budget (mixed-2-tuned: 2.21 effective bits)
+    ("svd-mixed-2.25", "svd-mixed", 2.25, 0, 0, 4),
 ]
 RANK_BITS = {1: 0.2, 2: 0.1}  # lowrank: bits per parameter for the factors (1.25 and 2.16 bits in all)
 ONLY: list[str] | None = None  # --variants: run only these
@@ -688,7 +690,7 @@ def stage_tasks(work: Path, base_dir: Path, files, experts: list[str], who_list:
 
 # -------------------------------------------------------------------------------------- report
 MAIN_ROWS = ["fp16", "mixed-3-tuned", "mixed-3", "rtn-3", "mixed-2-tuned", "mixed-2", "lowrank-2-tuned", "lowrank-2",
-             "svd-mixed-2", "rtn-2", "lowrank-1-tuned", "lowrank-1", "mixed-1-tuned", "mixed-1", "svd-mixed-1", "rtn-1",
+             "svd-mixed-2.25", "svd-mixed-2", "rtn-2", "lowrank-1-tuned", "lowrank-1", "mixed-1-tuned", "mixed-1", "svd-mixed-1", "rtn-1",
              "bitdelta-tuned", "bitdelta"]
 DEFAULT_VARIANT = "mixed-2-tuned"
 CMD = ("HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 nice -n 19 python benchmarks/evaluate.py "

@@ -287,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--expert", action="append", metavar="NAME=PATH", help="an expert checkpoint (repeatable)")
     c.add_argument("--out", required=True, help="bundle directory (created, or extended if it exists)")
     c.add_argument("--method", choices=METHODS, default="mixed")
-    c.add_argument("--bits", type=int, default=2, help="bits per quantized weight: 1, 2, 3, 4 or 8 (default 2); "
-                        "--method svd-mixed: the target average bits per parameter, every stored byte counted")
+    c.add_argument("--bits", type=float, default=2, help="bits per quantized weight: 1, 2, 3, 4 or 8 (default 2); "
+                        "--method svd-mixed: the target average bits per parameter in (0, 8], e.g. 2.25, every stored byte counted")
     c.add_argument("--salient", type=_parse_salient, default=0.01,
                    help="16-bit input channels per matrix: a count, or a fraction if < 1 (default 0.01)")
     c.add_argument("--group-size", type=_int_at_least(0), default=0, help="input columns per step size (0: per output channel)")

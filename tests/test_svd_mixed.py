@@ -71,6 +71,16 @@ def test_allocation_follows_the_spectrum():
     assert allocate_widths(sigma, 64, 64, 0.01) == [0] * 6  # no pair fits: nothing stored
 
 
+@pytest.mark.parametrize("target", [1, 2.25])
+def test_refitting_the_factors_lowers_the_error_at_the_same_bytes(target):
+    delta, s = decaying_delta()
+    plain, refit = svd_mixed_matrix(delta, target, s, refits=0), svd_mixed_matrix(delta, target, s)
+    assert [(b.rank, b.bits) for b in plain.blocks] == [(b.rank, b.bits) for b in refit.blocks]
+    assert plain.nbytes == refit.nbytes
+    e_plain, e_refit = (weighted_error(delta, q.dequantize(), s) for q in (plain, refit))
+    assert e_refit < 0.97 * e_plain, (e_refit, e_plain)
+
+
 def test_it_beats_mixed_and_lowrank_on_a_decaying_spectrum():
     delta, s = decaying_delta()
     svd = svd_mixed_matrix(delta, 1, s)
@@ -89,8 +99,17 @@ def test_spec_registry_and_rows():
     full = q.dequantize()
     assert torch.equal(torch.cat([q.dequantize_rows(0, 50), q.dequantize_rows(50, 192)]), full)
     assert delta_to(q, "cpu") is q
-    with pytest.raises(ValueError, match="--bits"):
-        CompressionSpec(method="svd-mixed", bits=5).validate()
+    # svd-mixed's --bits is a target average: any value in (0, 8], fractional ones too
+    frac = CompressionSpec(method="svd-mixed", bits=1.5).validate()
+    assert frac.bits == 1.5 and CompressionSpec(method="svd-mixed", bits=5.0).validate().bits == 5
+    q15 = compress_matrix(delta, frac, s)
+    assert bits(q) <= 2 and 1 < bits(q15) <= 1.5
+    assert weighted_error(delta, q15.dequantize(), s) > weighted_error(delta, full, s)
+    for bad in (0, -1, 8.5):
+        with pytest.raises(ValueError, match="--bits"):
+            CompressionSpec(method="svd-mixed", bits=bad).validate()
+    with pytest.raises(ValueError, match="--bits"):  # the other methods' --bits is a code width
+        CompressionSpec(method="mixed", bits=1.5).validate()
     assert main(["compress", "--base", "b", "--expert", "e=x", "--out", "o", "--method", "svd-mixed",
                  "--tune-steps", "2"]) != 0  # refused: svd-mixed deltas are not tuned
 

@@ -40,7 +40,9 @@ def check_salient(salient: float) -> float:
 @dataclass
 class CompressionSpec:
     method: str = "mixed"
-    bits: int = 2
+    # Bits per quantized weight (1, 2, 3, 4, 8); --method svd-mixed: the target average bits per
+    # parameter, any value in (0, 8] (e.g. 1.0 or 2.25), every stored byte counted.
+    bits: float = 2
     # Salient input channels per matrix: a count if >= 1, else a fraction of the input features.
     salient: float = 0.01
     group_size: int = 0  # 0: one step size per output channel
@@ -50,8 +52,14 @@ class CompressionSpec:
     def validate(self) -> "CompressionSpec":
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.method in ("mixed", "rtn", "lowrank", "svd-mixed") and self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"--bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.method == "svd-mixed":
+            if not 0 < self.bits <= 8:
+                raise ValueError(f"--bits (the target average bits per parameter) must be in (0, 8], got {self.bits}")
+            self.bits = int(self.bits) if float(self.bits).is_integer() else float(self.bits)
+        elif self.method in ("mixed", "rtn", "lowrank"):
+            if self.bits not in SUPPORTED_BITS:
+                raise ValueError(f"--bits must be one of {SUPPORTED_BITS} for --method {self.method}, got {self.bits}")
+            self.bits = int(self.bits)
         check_salient(self.salient)
         if self.group_size < 0:
             raise ValueError(f"--group-size must be >= 0, got {self.group_size}")
