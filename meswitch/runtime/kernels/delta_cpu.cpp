@@ -276,7 +276,7 @@ static void segmented_impl(const at::Tensor& x, at::Tensor& y, const at::Tensor&
 #ifdef MESWITCH_X86
     if (sg.bf16) {
       const auto L = isa_avx512_bf16::bf_layout(sg.d);
-      std::vector<uint16_t> q(static_cast<size_t>(sg.d.n));
+      std::vector<uint16_t> q(static_cast<size_t>(L.nb));
       for (int64_t t = 0; t < sg.tokens; ++t)
         isa_avx512_bf16::bf_gather_row(reinterpret_cast<const uint16_t*>(xp + (sg.a + t) * in), sg.d, L,
                                        xq + t * L.stride, q.data());

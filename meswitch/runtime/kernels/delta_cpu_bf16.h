@@ -56,29 +56,82 @@ static inline float bf16_bits_to_float(uint16_t h) {
   return f;
 }
 
-// One token's row x (bf16 bits, `in` columns) into dst (L.stride floats). `q`: scratch of n codes.
-static void bf_gather_row(const uint16_t* x, const Desc& d, const BfLayout& L, float* dst, uint16_t* q) {
+// The planes of one block of 32 * P codes' activations v[0 .. P) (in column order): out[p] holds
+// columns p, p + P, p + 2P, ... Deinterleaving halves the plane count: the even columns of the
+// block are planes 0, 2, 4, ... of it and the odd ones planes 1, 3, 5, ..., each of those a
+// block of 32 * P / 2 columns with P / 2 planes (two vpermt2w per pair of vectors and level).
+template <int P>
+static HOT void bf_planes(const __m512i* v, __m512i* out) {
+  if constexpr (P == 1) {
+    out[0] = v[0];
+  } else {
+    alignas(64) static constexpr uint16_t EVEN[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20,
+                                                      22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42,
+                                                      44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+    const __m512i even = _mm512_load_si512(EVEN), odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+    __m512i e[P / 2], o[P / 2], pe[P / 2], po[P / 2];
+    for (int k = 0; k < P / 2; ++k) {
+      e[k] = _mm512_permutex2var_epi16(v[2 * k], even, v[2 * k + 1]);
+      o[k] = _mm512_permutex2var_epi16(v[2 * k], odd, v[2 * k + 1]);
+    }
+    bf_planes<P / 2>(e, pe);
+    bf_planes<P / 2>(o, po);
+    for (int k = 0; k < P / 2; ++k) {
+      out[2 * k] = pe[k];
+      out[2 * k + 1] = po[k];
+    }
+  }
+}
+
+// sum_i x_i over n bf16 values (bits) at q, in float32.
+static HOT float bf_sum(const uint16_t* q, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                 _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i))), 16)));
+  if (i < n) {
+    const __m256i tail = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << (n - i)) - 1), q + i);
+    acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(tail), 16)));
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// One token's row x (bf16 bits, `in` columns) into dst (L.stride floats). `q`: scratch of L.nb
+// codes' activations: the quantized columns in order (runs between salient columns copied
+// whole), zero padded to the last block, then each block's planes (bf_planes) written to dst.
+template <int B>
+static void bf_gather_row_b(const uint16_t* x, const Desc& d, const BfLayout& L, float* dst, uint16_t* q) {
+  constexpr int P = 8 / B;
   int64_t col = 0, j = 0;
   float* xs = dst + L.xs();
   for (int64_t s = 0; s <= d.k; ++s) {
     const int64_t stop = s < d.k ? d.salient_idx[s] : d.in;
-    for (; col < stop; ++col) q[j++] = x[col];
+    std::memcpy(q + j, x + col, sizeof(uint16_t) * static_cast<size_t>(stop - col));
+    j += stop - col;
+    col = stop;
     if (s < d.k) xs[s] = bf16_bits_to_float(x[col++]);
   }
-  uint16_t* xb = reinterpret_cast<uint16_t*>(dst);
-  const int64_t planes = 8 / d.bits;
-  for (int64_t j0 = 0; j0 < L.nb; j0 += L.blk)
-    for (int64_t p = 0; p < planes; ++p)
-      for (int64_t i = 0; i < 32; ++i) {
-        const int64_t j = j0 + i * planes + p;
-        xb[j0 + p * 32 + i] = j < d.n ? q[j] : 0;
-      }
+  std::memset(q + d.n, 0, sizeof(uint16_t) * static_cast<size_t>(L.nb - d.n));
   float* sums = dst + L.sums();
   for (int64_t g = 0; g < d.n_groups; ++g) {
     const int64_t a = g * d.group_size, b = g + 1 == d.n_groups ? d.n : std::min(d.n, a + d.group_size);
-    float s = 0.f;
-    for (int64_t i = a; i < b; ++i) s += bf16_bits_to_float(q[i]);
-    sums[g] = s;
+    sums[g] = bf_sum(q + a, b - a);
+  }
+  uint16_t* xb = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t j0 = 0; j0 < L.nb; j0 += 32 * P) {
+    __m512i v[P], out[P];
+    for (int p = 0; p < P; ++p) v[p] = _mm512_loadu_si512(q + j0 + 32 * p);
+    bf_planes<P>(v, out);
+    for (int p = 0; p < P; ++p) _mm512_storeu_si512(xb + j0 + 32 * p, out[p]);
+  }
+}
+
+static void bf_gather_row(const uint16_t* x, const Desc& d, const BfLayout& L, float* dst, uint16_t* q) {
+  switch (d.bits) {
+    case 1: return bf_gather_row_b<1>(x, d, L, dst, q);
+    case 2: return bf_gather_row_b<2>(x, d, L, dst, q);
+    default: return bf_gather_row_b<4>(x, d, L, dst, q);
   }
 }
 
