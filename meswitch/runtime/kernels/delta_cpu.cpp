@@ -171,8 +171,8 @@ std::string select_isa(const std::string& name) {
   return ISA_NAMES[current_isa()];
 }
 
-using RowsFn = void (*)(const Desc&, int64_t, int64_t, int64_t, const float*, const float*, float*, int64_t, float*,
-                        float*);
+using RowsFn = void (*)(const Desc&, int64_t, int64_t, int64_t, const float*, const float*, const float*, float*,
+                       int64_t, float*, float*);
 
 static RowsFn rows_fn() {
   switch (current_isa()) {
@@ -198,18 +198,26 @@ static void dequantize_dispatch(const Desc& d, const int64_t* rows, int64_t n_ro
 }
 
 // ---- gathering activations ---------------------------------------------------------------------
-// x row (any float dtype) -> xq (the quantized columns in order, zero padded to a multiple of 16)
-// and xs (the salient columns), float32. The kernel wants xq in its own block order: see
-// block_order in delta_cpu_impl.h (the layout is the same for every instruction set).
+// x row (any float dtype) -> xq (the quantized columns in order, zero padded to a multiple of 16),
+// xs (the salient columns) and *xsum (the sum of the quantized columns), float32. The kernel
+// wants xq in its own block order: see block_order in delta_cpu_impl.h (the layout is the same
+// for every instruction set).
 template <typename T>
-static void gather_row(const T* x, const Desc& d, float* xq, float* xs, float* tmp) {
+static void gather_row(const T* x, const Desc& d, float* xq, float* xs, float* xsum, float* tmp) {
   int64_t col = 0, j = 0;
   for (int64_t s = 0; s <= d.k; ++s) {
     const int64_t stop = s < d.k ? d.salient_idx[s] : d.in;
     for (; col < stop; ++col) xq[j++] = static_cast<float>(x[col]);
     if (s < d.k) xs[s] = static_cast<float>(x[col++]);
   }
-  for (const int64_t n16 = isa_generic::padded(d.n); j < n16; ++j) xq[j] = 0.f;
+  const int64_t n16 = isa_generic::padded(d.n);
+  for (; j < n16; ++j) xq[j] = 0.f;
+  float part[16] = {};  // 16 partial sums: n16 is a multiple of 16
+  for (j = 0; j < n16; j += 16)
+    for (int i = 0; i < 16; ++i) part[i] += xq[j + i];
+  float sum = 0.f;
+  for (int i = 0; i < 16; ++i) sum += part[i];
+  *xsum = sum;
   isa_generic::block_order(d, xq, tmp);
 }
 
@@ -242,7 +250,7 @@ static int64_t gathered_floats(const Desc& d, bool bf16) {
   if (bf16) return isa_avx512_bf16::bf_layout(d).stride;
 #endif
   (void)bf16;
-  return isa_generic::padded(d.n) + d.k;
+  return isa_generic::padded(d.n) + d.k + 1;  // xq, xs, xsum
 }
 
 template <typename T>
@@ -285,8 +293,9 @@ static void segmented_impl(const at::Tensor& x, at::Tensor& y, const at::Tensor&
 #endif
     const int64_t n16 = isa_generic::padded(sg.d.n);
     float* xs = xq + sg.tokens * n16;
+    float* xsum = xs + sg.tokens * sg.d.k;
     for (int64_t t = 0; t < sg.tokens; ++t)
-      gather_row<T>(xp + (sg.a + t) * in, sg.d, xq + t * n16, xs + t * sg.d.k, tmp.data());
+      gather_row<T>(xp + (sg.a + t) * in, sg.d, xq + t * n16, xs + t * sg.d.k, xsum + t, tmp.data());
   }
 
   // Work items: (segment, block of ROW_BLOCK output rows).
@@ -318,8 +327,8 @@ static void segmented_impl(const at::Tensor& x, at::Tensor& y, const at::Tensor&
         continue;
       }
 #endif
-      rows(sg.d, r0, r1, sg.tokens, xq, xq + sg.tokens * isa_generic::padded(sg.d.n), acc.data(), r1 - r0,
-           wbuf.data(), sal.data());
+      const float* xs = xq + sg.tokens * isa_generic::padded(sg.d.n);
+      rows(sg.d, r0, r1, sg.tokens, xq, xs, xs + sg.tokens * sg.d.k, acc.data(), r1 - r0, wbuf.data(), sal.data());
       for (int64_t t = 0; t < sg.tokens; ++t) {
         T* yr = yp + (sg.a + t) * out;
         const float* ar = acc.data() + t * (r1 - r0);

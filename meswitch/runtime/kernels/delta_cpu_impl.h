@@ -41,10 +41,12 @@ typedef float vf __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint8_t vb16 __attribute__((vector_size(16)));
+typedef float vh __attribute__((vector_size(32)));  // half of vf: one AVX2 register
 
 // Everything on the hot path is forced inline: GCC otherwise leaves the 4-token accumulator
 // steps as calls, one per 16 weights.
 #define HOT inline __attribute__((always_inline))
+#define HOT_LAMBDA __attribute__((always_inline))
 
 constexpr int LANES = 16;
 // Tokens accumulated together against one row: one accumulator vector per token stays in a
@@ -67,7 +69,16 @@ static HOT vf loadf(const float* p) {
 
 static HOT void storef(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
-static HOT vf splat(float s) { return (vf){} + s; }
+static HOT vf splat(float s) {
+#if MESWITCH_ISA == 1  // (a 16-lane splat would be built in memory, lane by lane)
+  const __m256 b = _mm256_set1_ps(s);
+  vh h;
+  std::memcpy(&h, &b, sizeof h);
+  return __builtin_shufflevector(h, h, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  return (vf){} + s;
+#endif
+}
 
 static HOT float h2f(c10::Half h) {
 #if MESWITCH_ISA >= 1
@@ -92,54 +103,79 @@ static HOT float hsum(vf v) {
 // takes 4 cycles before its result can be added to again, so one chain per token would stall:
 // with fewer than 4 tokens each token gets SLOTS = 4 / NT chains, and consecutive vectors of
 // codes go to consecutive slots. NT up to ROW_TOKENS (8 on AVX-512).
+// The accumulators' type. AVX2 has no 16-lane register: GCC then keeps a 16-lane vector that
+// lives across loop iterations in memory and moves it through general registers (measured:
+// 3-5x slower), so there an accumulator is two 8-lane halves, each a native register.
+#if MESWITCH_ISA == 1
+struct va {
+  vh lo, hi;
+};
+static HOT vh loadh(const float* p) {
+  vh v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+static HOT void fma_acc(va& a, vf w, const float* x) {
+  a.lo += __builtin_shufflevector(w, w, 0, 1, 2, 3, 4, 5, 6, 7) * loadh(x);
+  a.hi += __builtin_shufflevector(w, w, 8, 9, 10, 11, 12, 13, 14, 15) * loadh(x + 8);
+}
+static HOT vf val(va a) {
+  return __builtin_shufflevector(a.lo, a.hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+#else
+typedef vf va;
+static HOT void fma_acc(va& a, vf w, const float* x) { a += w * loadf(x); }
+static HOT vf val(va a) { return a; }
+#endif
+
 template <int NT>
 struct Acc {
-  static constexpr int SLOTS = NT == 1 ? 4 : NT == 2 ? 2 : 1;
-  vf a0 = {}, a1 = {}, a2 = {}, a3 = {}, a4 = {}, a5 = {}, a6 = {}, a7 = {};
+  static constexpr int SLOTS = MESWITCH_ISA == 1 ? (NT == 1 ? 2 : 1) : NT == 1 ? 4 : NT == 2 ? 2 : 1;
+  va a0 = {}, a1 = {}, a2 = {}, a3 = {}, a4 = {}, a5 = {}, a6 = {}, a7 = {};
 
   template <int SLOT>
   HOT void add(vf w, const float* x, int64_t stride) {
     static_assert(SLOT < SLOTS, "slot out of range");
     if constexpr (NT == 1) {
-      if constexpr (SLOT == 0) a0 += w * loadf(x);
-      if constexpr (SLOT == 1) a1 += w * loadf(x);
-      if constexpr (SLOT == 2) a2 += w * loadf(x);
-      if constexpr (SLOT == 3) a3 += w * loadf(x);
+      if constexpr (SLOT == 0) fma_acc(a0, w, x);
+      if constexpr (SLOT == 1) fma_acc(a1, w, x);
+      if constexpr (SLOT == 2) fma_acc(a2, w, x);
+      if constexpr (SLOT == 3) fma_acc(a3, w, x);
     } else if constexpr (NT == 2) {
       if constexpr (SLOT == 0) {
-        a0 += w * loadf(x);
-        a1 += w * loadf(x + stride);
+        fma_acc(a0, w, x);
+        fma_acc(a1, w, x + stride);
       } else {
-        a2 += w * loadf(x);
-        a3 += w * loadf(x + stride);
+        fma_acc(a2, w, x);
+        fma_acc(a3, w, x + stride);
       }
     } else {
-      a0 += w * loadf(x);
-      a1 += w * loadf(x + stride);
-      a2 += w * loadf(x + 2 * stride);
-      if constexpr (NT > 3) a3 += w * loadf(x + 3 * stride);
-      if constexpr (NT > 4) a4 += w * loadf(x + 4 * stride);
-      if constexpr (NT > 5) a5 += w * loadf(x + 5 * stride);
-      if constexpr (NT > 6) a6 += w * loadf(x + 6 * stride);
-      if constexpr (NT > 7) a7 += w * loadf(x + 7 * stride);
+      fma_acc(a0, w, x);
+      fma_acc(a1, w, x + stride);
+      fma_acc(a2, w, x + 2 * stride);
+      if constexpr (NT > 3) fma_acc(a3, w, x + 3 * stride);
+      if constexpr (NT > 4) fma_acc(a4, w, x + 4 * stride);
+      if constexpr (NT > 5) fma_acc(a5, w, x + 5 * stride);
+      if constexpr (NT > 6) fma_acc(a6, w, x + 6 * stride);
+      if constexpr (NT > 7) fma_acc(a7, w, x + 7 * stride);
     }
   }
 
   HOT void reduce(float* acc) const {
     if constexpr (NT == 1) {
-      acc[0] = hsum((a0 + a1) + (a2 + a3));
+      acc[0] = hsum((val(a0) + val(a1)) + (val(a2) + val(a3)));
     } else if constexpr (NT == 2) {
-      acc[0] = hsum(a0 + a2);
-      acc[1] = hsum(a1 + a3);
+      acc[0] = hsum(val(a0) + val(a2));
+      acc[1] = hsum(val(a1) + val(a3));
     } else {
-      acc[0] = hsum(a0);
-      acc[1] = hsum(a1);
-      acc[2] = hsum(a2);
-      if constexpr (NT > 3) acc[3] = hsum(a3);
-      if constexpr (NT > 4) acc[4] = hsum(a4);
-      if constexpr (NT > 5) acc[5] = hsum(a5);
-      if constexpr (NT > 6) acc[6] = hsum(a6);
-      if constexpr (NT > 7) acc[7] = hsum(a7);
+      acc[0] = hsum(val(a0));
+      acc[1] = hsum(val(a1));
+      acc[2] = hsum(val(a2));
+      if constexpr (NT > 3) acc[3] = hsum(val(a3));
+      if constexpr (NT > 4) acc[4] = hsum(val(a4));
+      if constexpr (NT > 5) acc[5] = hsum(val(a5));
+      if constexpr (NT > 6) acc[6] = hsum(val(a6));
+      if constexpr (NT > 7) acc[7] = hsum(val(a7));
     }
   }
 };
@@ -333,7 +369,10 @@ static void dot_token_block(int nt, const float* w, const float* x, int64_t stri
 }
 
 // ---- the fused path (NT <= 4 tokens, `fusable(d)`): codes to sums without a buffer ------------
-template <int B, int NT>
+// FACTORED (one step size per row): w = the codes themselves, and the caller finishes the row
+// as s * sum_j q_j x_j + z * sum_j x_j (no step size or offset in the loop: one FMA less per 16
+// weights, and two vectors fewer live, which AVX2's 16 registers need). Otherwise w = q s_g + z_g.
+template <int B, int NT, bool FACTORED>
 static void fused_row(const Desc& d, int64_t o, const float* xq, int64_t stride, float* acc) {
   const uint8_t* row = d.codes + o * d.row_bytes;
   const c10::Half* sr = d.scale + o * d.param_stride;
@@ -344,74 +383,93 @@ static void fused_row(const Desc& d, int64_t o, const float* xq, int64_t stride,
   Acc<NT> a;
   int64_t j = 0;
   for (int64_t g = 0; g < d.n_groups; ++g) {
-    const vf s = splat(h2f(sr[g])), z = splat(h2f(zr[g]));
+    vf s = {}, z = {};
+    if constexpr (!FACTORED) s = splat(h2f(sr[g])), z = splat(h2f(zr[g]));
+    const auto wt = [&](vf q) HOT_LAMBDA {
+      if constexpr (FACTORED) return q;
+      else return q * s + z;
+    };
     const int64_t end = group_end(d, g);
     if constexpr (B != 3) {
       for (; j + BLK <= std::min(end, nb); j += BLK) {
         const vi bytes = widen_bytes(row + j * B / 8);
         const float* x = xq + j;
-        a.template add<0>(plane<B, 0>(bytes) * s + z, x, stride);
-        if constexpr (B <= 4) a.template add<1 % SL>(plane<B, 1>(bytes) * s + z, x + 16, stride);
+        a.template add<0>(wt(plane<B, 0>(bytes)), x, stride);
+        if constexpr (B <= 4) a.template add<1 % SL>(wt(plane<B, 1>(bytes)), x + 16, stride);
         if constexpr (B <= 2) {
-          a.template add<2 % SL>(plane<B, 2>(bytes) * s + z, x + 32, stride);
-          a.template add<3 % SL>(plane<B, 3>(bytes) * s + z, x + 48, stride);
+          a.template add<2 % SL>(wt(plane<B, 2>(bytes)), x + 32, stride);
+          a.template add<3 % SL>(wt(plane<B, 3>(bytes)), x + 48, stride);
         }
         if constexpr (B == 1) {
-          a.template add<4 % SL>(plane<B, 4>(bytes) * s + z, x + 64, stride);
-          a.template add<5 % SL>(plane<B, 5>(bytes) * s + z, x + 80, stride);
-          a.template add<6 % SL>(plane<B, 6>(bytes) * s + z, x + 96, stride);
-          a.template add<7 % SL>(plane<B, 7>(bytes) * s + z, x + 112, stride);
+          a.template add<4 % SL>(wt(plane<B, 4>(bytes)), x + 64, stride);
+          a.template add<5 % SL>(wt(plane<B, 5>(bytes)), x + 80, stride);
+          a.template add<6 % SL>(wt(plane<B, 6>(bytes)), x + 96, stride);
+          a.template add<7 % SL>(wt(plane<B, 7>(bytes)), x + 112, stride);
         }
       }
     }
     for (; j + 2 * LANES <= end; j += 2 * LANES) {
-      a.template add<0>(codes16<B>(row + j * B / 8, d.row_bytes - j * B / 8) * s + z, xq + j, stride);
-      a.template add<1 % SL>(codes16<B>(row + (j + 16) * B / 8, d.row_bytes - (j + 16) * B / 8) * s + z,
+      a.template add<0>(wt(codes16<B>(row + j * B / 8, d.row_bytes - j * B / 8)), xq + j, stride);
+      a.template add<1 % SL>(wt(codes16<B>(row + (j + 16) * B / 8, d.row_bytes - (j + 16) * B / 8)),
                              xq + j + 16, stride);
     }
     for (; j < end; j += LANES)
-      a.template add<0>(codes16<B>(row + j * B / 8, d.row_bytes - j * B / 8) * s + z, xq + j, stride);
+      a.template add<0>(wt(codes16<B>(row + j * B / 8, d.row_bytes - j * B / 8)), xq + j, stride);
   }
   a.reduce(acc);
 }
 
-template <int B>
+template <int B, bool F>
 static void fused_rows_t(const Desc& d, int64_t o, int nt, const float* xq, int64_t stride, float* acc) {
   switch (nt) {
-    case 1: return fused_row<B, 1>(d, o, xq, stride, acc);
-    case 2: return fused_row<B, 2>(d, o, xq, stride, acc);
-    case 3: return fused_row<B, 3>(d, o, xq, stride, acc);
+    case 1: return fused_row<B, 1, F>(d, o, xq, stride, acc);
+    case 2: return fused_row<B, 2, F>(d, o, xq, stride, acc);
+    case 3: return fused_row<B, 3, F>(d, o, xq, stride, acc);
 #if MESWITCH_ISA >= 2
-    case 4: return fused_row<B, 4>(d, o, xq, stride, acc);
-    case 5: return fused_row<B, 5>(d, o, xq, stride, acc);
-    case 6: return fused_row<B, 6>(d, o, xq, stride, acc);
-    case 7: return fused_row<B, 7>(d, o, xq, stride, acc);
-    default: return fused_row<B, 8>(d, o, xq, stride, acc);
+    case 4: return fused_row<B, 4, F>(d, o, xq, stride, acc);
+    case 5: return fused_row<B, 5, F>(d, o, xq, stride, acc);
+    case 6: return fused_row<B, 6, F>(d, o, xq, stride, acc);
+    case 7: return fused_row<B, 7, F>(d, o, xq, stride, acc);
+    default: return fused_row<B, 8, F>(d, o, xq, stride, acc);
 #else
-    default: return fused_row<B, 4>(d, o, xq, stride, acc);
+    default: return fused_row<B, 4, F>(d, o, xq, stride, acc);
 #endif
   }
 }
 
-static void fused_rows(const Desc& d, int64_t o, int nt, const float* xq, int64_t stride, float* acc) {
+template <bool F>
+static void fused_rows_f(const Desc& d, int64_t o, int nt, const float* xq, int64_t stride, float* acc) {
   switch (d.bits) {
-    case 1: return fused_rows_t<1>(d, o, nt, xq, stride, acc);
-    case 2: return fused_rows_t<2>(d, o, nt, xq, stride, acc);
-    case 3: return fused_rows_t<3>(d, o, nt, xq, stride, acc);
-    case 4: return fused_rows_t<4>(d, o, nt, xq, stride, acc);
-    default: return fused_rows_t<8>(d, o, nt, xq, stride, acc);
+    case 1: return fused_rows_t<1, F>(d, o, nt, xq, stride, acc);
+    case 2: return fused_rows_t<2, F>(d, o, nt, xq, stride, acc);
+    case 3: return fused_rows_t<3, F>(d, o, nt, xq, stride, acc);
+    case 4: return fused_rows_t<4, F>(d, o, nt, xq, stride, acc);
+    default: return fused_rows_t<8, F>(d, o, nt, xq, stride, acc);
+  }
+}
+
+// acc[t] = x_t . D[o] over the quantized columns, for nt tokens.
+static void fused_rows(const Desc& d, int64_t o, int nt, const float* xq, int64_t stride, const float* xsum,
+                       float* acc) {
+  if (d.n_groups == 1) {  // factored: s * sum_j q_j x_j + z * sum_j x_j
+    fused_rows_f<true>(d, o, nt, xq, stride, acc);
+    const float s = h2f(d.scale[o * d.param_stride]), z = h2f(d.offset[o * d.param_stride]);
+    for (int t = 0; t < nt; ++t) acc[t] = s * acc[t] + z * xsum[t];
+  } else {
+    fused_rows_f<false>(d, o, nt, xq, stride, acc);
   }
 }
 
 // ---- entry points ----------------------------------------------------------------------------------
 // Output rows [r0, r1) of one segment: out[t * out_stride + (o - r0)] = x_t . D[o] for its
 // `tokens` tokens. xq: [tokens, n16] gathered quantized columns (layout per `blocked(d)`, zero
-// padded), xs: [tokens, k] gathered salient columns, both float32. Scratch: `wbuf` holds one
-// row (n16 floats), `sal` the salient values of rows r0..r1 ((r1 - r0) * k floats).
-static void segment_rows(const Desc& d, int64_t r0, int64_t r1, int64_t tokens, const float* xq,
-                         const float* xs, float* out, int64_t out_stride, float* wbuf, float* sal) {
+// padded), xs: [tokens, k] gathered salient columns, xsum: [tokens] sums of the quantized columns,
+// all float32. Scratch: `wbuf` holds one row (n16 floats), `sal` the salient values of rows
+// r0..r1 ((r1 - r0) * k floats).
+static void segment_rows(const Desc& d, int64_t r0, int64_t r1, int64_t tokens, const float* xq, const float* xs,
+                         const float* xsum, float* out, int64_t out_stride, float* wbuf, float* sal) {
   const int64_t n16 = padded(d.n);
-  const bool fused = tokens <= ROW_TOKENS && fusable(d);
+  const bool fused = fusable(d);
   float acc[ROW_TOKENS];
   if (d.k) halves_to_floats(d.salient_values + r0 * d.k, sal, (r1 - r0) * d.k);  // rows r0..r1
   for (int64_t o = r0; o < r1; ++o) {
@@ -422,7 +480,7 @@ static void segment_rows(const Desc& d, int64_t r0, int64_t r1, int64_t tokens, 
       if (d.n == 0) {
         for (int t = 0; t < nt; ++t) acc[t] = 0.f;
       } else if (fused) {
-        fused_rows(d, o, nt, xq + t0 * n16, n16, acc);
+        fused_rows(d, o, nt, xq + t0 * n16, n16, xsum + t0, acc);
       } else {
         dot_token_block(nt, wbuf, xq + t0 * n16, n16, n16, acc);
       }
