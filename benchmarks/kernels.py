@@ -122,12 +122,14 @@ def main() -> None:
     ap.add_argument("--pool-mib", type=int, default=256, help="distinct matrices cycled through, per side")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--name", default="kernels", help="results file name (e.g. kernels_avx2 for a run under "
+                    "ATEN_CPU_CAPABILITY=avx2 MESWITCH_CPU_ISA=avx2)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cpu_kernel.load()
     isa = cpu_kernel.select_isa("")
     bits = random_delta(1536, 576).nbytes * 8 / (1536 * 576)
-    res = {"threads": args.threads, "isa": isa, "native_bf16": cpu_has_native_bf16(), "machine": platform.processor(),
+    res = {"threads": args.threads, "isa": isa, "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16(), "machine": platform.processor(),
            "delta_bits_per_weight": bits, "pool_mib": args.pool_mib, "results": []}
     print(f"kernel ISA {isa}, native bf16 {res['native_bf16']}, {args.threads} thread(s), delta {bits:.2f} bits/weight")
     for dname in args.dtypes:
@@ -144,8 +146,8 @@ def main() -> None:
                       f"base {r['base_us']:.0f} us", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {out / 'kernels.json'}")
+    (out / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out / (args.name + '.json')}")
 
 
 if __name__ == "__main__":

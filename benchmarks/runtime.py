@@ -361,7 +361,8 @@ def profile_decode(bundle: Path, threads: int, dtype: str) -> dict:
 
 # ----- report --------------------------------------------------------------------------------------
 def markdown(res: dict) -> str:
-    lines = [f"# Runtime benchmark (SmolLM2-135M, {res['dtype']}, CPU: {res['machine']})", "",
+    isa = f", kernel {res['kernel_isa']}, PyTorch {res['aten_cpu_capability']}" if "kernel_isa" in res else ""
+    lines = [f"# Runtime benchmark (SmolLM2-135M, {res['dtype']}, CPU: {res['machine']}{isa})", "",
              f"Command: `.venv/bin/python benchmarks/runtime.py --threads {res['threads']} --tokens {res['tokens']}`"
              f" (dtype {res['dtype_arg']}). Synthetic experts are real compressed experts with rotated rows.", ""]
     if "memory" in res:
@@ -422,6 +423,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="runtime dtype: auto (the default), float32, bfloat16")
     ap.add_argument("--bundle", help=argparse.SUPPRESS)
     ap.add_argument("--full", help=argparse.SUPPRESS)
+    ap.add_argument("--name", help="results file name (default: runtime, or runtime_partial with --skip)")
     ap.add_argument("--skip", action="append", default=[], choices=["memory", "cold", "throughput", "profile"])
     args = ap.parse_args()
     if args.child:
@@ -443,7 +445,13 @@ def main() -> None:
         assert cli(["materialize", str(src), first, "--out", str(full_dir)]) == 0
     from meswitch.hardware import resolve_dtype
 
+    import torch
+
+    from meswitch.runtime import cpu_kernel
+
+    cpu_kernel.load()
     res = {"threads": args.threads, "tokens": args.tokens, "machine": f"{os.cpu_count()} CPUs",
+           "kernel_isa": cpu_kernel.select_isa(""), "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "dtype_arg": args.dtype, "dtype": str(resolve_dtype(args.dtype)).replace("torch.", "")}
     t0 = time.time()
     if "memory" not in args.skip:
@@ -461,8 +469,8 @@ def main() -> None:
     res["seconds"] = time.time() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / ("runtime.json" if not args.skip else "runtime_partial.json")).write_text(json.dumps(res, indent=2) + "\n")
-    name = "runtime" if not args.skip else "runtime_partial"
+    name = args.name or ("runtime" if not args.skip else "runtime_partial")
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown(res))
     print(markdown(res))
     print(f"wrote {out / (name + '.json')} ({res['seconds']:.0f} s)")
