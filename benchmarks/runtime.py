@@ -190,8 +190,12 @@ def measure_cold_switch(bundle: Path, full_dir: Path, threads: int, dtype: str, 
     name = sw.experts[0]
     prompt = "Hello"
     sw.generate(prompt, expert=name, max_tokens=1)  # read once: page cache warm, file verified, as for the full checkpoint below
-    cold, load_part, build_part = [], [], []
+    cold, load_part, build_part, hot = [], [], [], []
     for _ in range(reps):
+        # hot: the same request with the expert already compute-ready (what a switch adds = cold - hot)
+        t = time.perf_counter()
+        sw.generate(prompt, expert=name, max_tokens=1)
+        hot.append(time.perf_counter() - t)
         # cold: disk -> first token (load the packed delta, build the compute-ready form, one forward)
         assert sw.store.evict(name)  # back to disk, as when evicted under the memory budget
         s0 = dict(sw.store.stats)
@@ -203,9 +207,14 @@ def measure_cold_switch(bundle: Path, full_dir: Path, threads: int, dtype: str, 
     sw.close()
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.bfloat16)  # warm the page cache
-    full, state = [], []
+    full, state, resident = [], [], []
     model = AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.bfloat16)
     for _ in range(reps):
+        # the full expert already resident: the forward pass alone (what loading adds = full - resident)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model(input_ids=ids)
+        resident.append(time.perf_counter() - t)
         # full expert: load -> first token (safetensors maps lazily: the forward pass reads the weights)
         t = time.perf_counter()
         m = AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.bfloat16)
@@ -223,8 +232,13 @@ def measure_cold_switch(bundle: Path, full_dir: Path, threads: int, dtype: str, 
         state.append(time.perf_counter() - t)
     med = statistics.median
     r = {"compressed_cold_s": med(cold), "compressed_load_s": med(load_part), "compressed_build_s": med(build_part),
-         "full_from_pretrained_s": med(full), "full_load_state_dict_s": med(state)}
+         "full_from_pretrained_s": med(full), "full_load_state_dict_s": med(state),
+         "compressed_hot_s": med(hot), "full_resident_forward_s": med(resident)}
     r["speedup_vs_from_pretrained"] = r["full_from_pretrained_s"] / r["compressed_cold_s"]
+    # The time the switch itself adds, the first token's forward pass taken off on both sides.
+    r["compressed_switch_added_s"] = r["compressed_cold_s"] - r["compressed_hot_s"]
+    r["full_load_added_s"] = r["full_from_pretrained_s"] - r["full_resident_forward_s"]
+    r["switch_added_speedup"] = r["full_load_added_s"] / max(r["compressed_switch_added_s"], 1e-9)
     r["speedup_vs_load_state_dict"] = r["full_load_state_dict_s"] / r["compressed_cold_s"]
     print("  cold switch: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
     return r
@@ -294,7 +308,7 @@ def traffic_limit(experts: int, bits: float, dtype) -> float:
     return 1.0 / (1.0 + experts * bits / torch.finfo(dtype).bits)
 
 
-def measure_throughput(bundle: Path, threads: int, tokens: int, dtype: str) -> list[dict]:
+def measure_throughput(bundle: Path, threads: int, tokens: int, dtype: str, repeats: int = 1) -> list[dict]:
     from meswitch.bundle.format import Bundle
     from meswitch.runtime import Switch
 
@@ -306,22 +320,30 @@ def measure_throughput(bundle: Path, threads: int, tokens: int, dtype: str) -> l
         sw.store.release(sw.store.acquire_blocking(name))
     run_batch(sw, [None] * 8, 4)  # warm-up
     rows = []
+    med = statistics.median
     for n, batch in ((1, 8), (2, 8), (4, 8), (8, 8), (16, 16)):
         experts = [names[i % n] for i in range(batch)]
-        base = run_batch(sw, [None] * batch, tokens)
-        ours = run_batch(sw, experts, tokens)
+        # `repeats` rounds of base, meswitch, base (each ratio bracketed: the machine is noisy);
+        # the medians are reported, every round is kept.
+        rounds = []
+        for _ in range(repeats):
+            base = run_batch(sw, [None] * batch, tokens)
+            ours = run_batch(sw, experts, tokens)
+            base2 = run_batch(sw, [None] * batch, tokens)
+            rounds.append({"base_tok_s": (base + base2) / 2, "meswitch_tok_s": ours, "ratio": ours / ((base + base2) / 2)})
         merged = {e: merged_weights(sw, e) for e in dict.fromkeys(experts)} if n <= 8 else None
         swap, swap_s = merged_swap(sw, experts, tokens, merged) if merged else (None, None)
         del merged
-        base2 = run_batch(sw, [None] * batch, tokens)  # bracket: the machine is noisy
-        base_tps = (base + base2) / 2
+        base_tps, ours = med(r["base_tok_s"] for r in rounds), med(r["meswitch_tok_s"] for r in rounds)
         limit = traffic_limit(n, bits, sw.dtype)
         rows.append({"experts": n, "requests": batch, "tokens_per_request": tokens, "dtype": str(sw.dtype),
                      "effective_bits": bits, "base_tok_s": base_tps, "meswitch_tok_s": ours,
-                     "merged_swap_tok_s": swap, "merged_swap_copy_s": swap_s, "ratio_to_base": ours / base_tps,
+                     "merged_swap_tok_s": swap, "merged_swap_copy_s": swap_s,
+                     "ratio_to_base": med(r["ratio"] for r in rounds), "rounds": rounds,
                      "traffic_limit": limit, "ratio_to_merged_swap": ours / swap if swap else None})
-        print(f"  throughput: {batch} requests over {n} experts: {ours:.1f} tok/s = {ours / base_tps:.2f}x base "
-              f"({base_tps:.1f}; traffic limit {limit:.2f})"
+        each = ", ".join(f"{r['ratio']:.2f}" for r in rounds)
+        print(f"  throughput: {batch} requests over {n} experts: {ours:.1f} tok/s = {rows[-1]['ratio_to_base']:.2f}x base "
+              f"(rounds {each}; base {base_tps:.1f} tok/s; traffic limit {limit:.2f})"
               + (f", {ours / swap:.2f}x merged swap ({swap:.1f}, {swap_s:.2f} s copying)" if swap else ""), flush=True)
     sw.close()
     return rows
@@ -390,6 +412,10 @@ def markdown(res: dict) -> str:
                   f"| full 16-bit expert: `from_pretrained` + 1 token | {c['full_from_pretrained_s']:.3f} (meswitch {c['speedup_vs_from_pretrained']:.2f}x faster) |",
                   f"| full 16-bit expert: `load_file` + `load_state_dict` into a resident model + 1 token | {c['full_load_state_dict_s']:.3f} "
                   f"(meswitch {c['speedup_vs_load_state_dict']:.2f}x faster) |"]
+        if "compressed_hot_s" in c:
+            lines += [f"| what switching adds (first token's forward taken off: meswitch cold - hot {c['compressed_hot_s']:.3f}; "
+                      f"full - resident forward {c['full_resident_forward_s']:.3f}) | meswitch {c['compressed_switch_added_s']:.3f} "
+                      f"vs full {c['full_load_added_s']:.3f}: {c['switch_added_speedup']:.2f}x |"]
     if "throughput" in res:
         lines += ["", "## Decode throughput", "",
                   "Traffic limit = 1 / (1 + E*b/B): the ratio if every product were bound by reading weights "
@@ -423,6 +449,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="runtime dtype: auto (the default), float32, bfloat16")
     ap.add_argument("--bundle", help=argparse.SUPPRESS)
     ap.add_argument("--full", help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=3, help="throughput: rounds per configuration (medians reported)")
     ap.add_argument("--name", help="results file name (default: runtime, or runtime_partial with --skip)")
     ap.add_argument("--skip", action="append", default=[], choices=["memory", "cold", "throughput", "profile"])
     args = ap.parse_args()
@@ -462,7 +489,7 @@ def main() -> None:
         res["cold_switch"] = measure_cold_switch(bundles[4], full_dir, args.threads, args.dtype)
     if "throughput" not in args.skip:
         print("throughput", flush=True)
-        res["throughput"] = measure_throughput(bundles[16], args.threads, args.tokens, args.dtype)
+        res["throughput"] = measure_throughput(bundles[16], args.threads, args.tokens, args.dtype, args.repeats)
     if "profile" not in args.skip:
         print("profile", flush=True)
         res["profile"] = profile_decode(bundles[4], args.threads, args.dtype)
