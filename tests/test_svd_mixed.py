@@ -122,6 +122,23 @@ def sv(tmp_path_factory, tokenizer):
     return two_expert_bundle(tmp_path_factory.mktemp("svd"), tokenizer, ["--method", "svd-mixed", "--bits", "1"])
 
 
+def test_a_fractional_bit_target_through_the_cli(tmp_path, tokenizer):
+    """--bits 1.5 (svd-mixed only): kept in the manifest as given, met by every matrix, and the
+    runtime equals the materialized expert."""
+    d = two_expert_bundle(tmp_path, tokenizer, ["--method", "svd-mixed", "--bits", "1.5"])
+    assert Bundle.open(d / "bundle").entry("math")["params"]["bits"] == 1.5
+    with safe_open(weights_file(d, "math"), framework="pt") as f:
+        layout = json.loads(f.metadata()["tensors"])
+        for t, rec in layout.items():
+            if rec["kind"] == "svd":
+                stored = sum(f.get_tensor(k).nbytes for k in f.keys() if k.startswith(f"{t}.svd"))
+                assert 0 < 8 * stored <= 1.5 * rec["shape"][0] * rec["shape"][1], t
+    with Switch.load(d / "bundle", dtype="float32", backend="cpu") as sw:
+        assert_mixed_batch_equals_materialized(sw, d)
+    common = ["compress", "--base", str(d / "base"), "--out", str(tmp_path / "other"), "--expert", f"x={d / 'math'}"]
+    assert main([*common, "--method", "mixed", "--bits", "1.5"]) != 0  # a code width must be whole
+
+
 def test_the_file_reconstructs_by_the_format_definition(sv):
     """docs/FORMAT.md, kind `svd`, read with safetensors only."""
     with math_file_v2(sv) as (base, mat, f, layout):

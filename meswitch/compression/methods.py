@@ -10,7 +10,8 @@
            by alternating (lowrank.py); the rank comes from a bit budget, --rank-bits.
 - svd-mixed  the delta as its activation-weighted singular-vector pairs only, in blocks of
            different bit widths (8 / 4 / 3 / 2 / 1 bits, the tail dropped) allocated greedily by
-           singular-value energy to meet --bits per parameter (svd_mixed.py, Delta-CoMe style).
+           singular-value energy to meet --bits per parameter (any target in (0, 8]; svd_mixed.py,
+           Delta-CoMe style); each factor refitted to the other's rounded values before rounding.
 - fp16     the delta itself in 16 bits (float32 where float16 would not reproduce the expert).
 """
 from __future__ import annotations
