@@ -12,8 +12,10 @@
 // and for activations x [T, in]:  y[t, o] += sum_i x[t, i] * D[o, i].
 //
 // The kernel never expands D: per output row it reads the row's packed codes, turns them into
-// floats in registers, rebuilds w = code * scale + offset there (one FMA per 16 weights) and
-// accumulates w * x for up to 4 tokens at once (8 with AVX-512; ROW_TOKENS).
+// floats in registers and accumulates code * x for up to 4 tokens at once (8 with AVX-512;
+// ROW_TOKENS), more tokens in further passes over the row. With one step size per row the row
+// ends as scale * sum(code x) + offset * sum(x) (sum(x) gathered once per token); with groups,
+// w = code * scale + offset is rebuilt in registers (one FMA per 16 weights).
 //
 // Reading codes. For b in {1, 2, 4, 8} a row is read in blocks of 16 bytes (128/b codes): the 16
 // bytes are widened to 16 lanes, and lane i of "plane" p = (byte_i >> p*b) & mask holds code
@@ -34,8 +36,9 @@
 //   NATURAL  column order. 3-bit codes, and groups that straddle blocks.
 // The activations are float32 whatever the model's dtype, so bf16 / fp16 activations are
 // accumulated in float32 too. Salient columns are gathered apart (xs) and added per row.
-// For more than ROW_TOKENS tokens each row is rebuilt once into a float buffer and dotted with
-// ROW_TOKENS tokens at a time; for many tokens the caller dequantizes the matrix and uses a GEMM instead.
+// Rows whose groups do not start on a block (not `fusable`) are rebuilt once into a float buffer
+// and dotted with ROW_TOKENS tokens at a time; for many tokens the caller dequantizes the matrix
+// and uses a GEMM instead.
 
 typedef float vf __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
