@@ -123,6 +123,10 @@ def svd_mixed_matrix(delta: torch.Tensor, bits: float, col_weight: torch.Tensor 
     widths = allocate_widths(sigma, out, cols, bits)
     r = sum(1 for b in widths if b)
     blocks = _blocks(widths[:r])
+    if not blocks:  # no pair fits the budget: nothing stored
+        d = SvdDelta((out, cols), [])
+        d.validate()
+        return d
     root = sigma[:r].sqrt()
     s = None if col_weight is None else col_weight.to(delta.device, torch.float32)
     a_parts, a_q = _quantize_blocks((u[:, :r] * root[None, :]).t(), blocks, None)  # rows of A^T
@@ -130,9 +134,9 @@ def svd_mixed_matrix(delta: torch.Tensor, bits: float, col_weight: torch.Tensor 
     # Quantized least squares (see the module docstring): B refitted to the quantized A, then A
     # to the quantized B, ..., each before it is quantized, in the activation-weighted space.
     for i in range(refits + 1):
-        if r and i:
+        if i:
             a_parts, a_q = _quantize_blocks(torch.linalg.lstsq(b_w.t(), dw.t()).solution, blocks, None)
-        if r and refits:
+        if refits:
             b_w = torch.linalg.lstsq(a_q.t(), dw).solution
         b_parts, b_q = _quantize_blocks(b_w / w[None, :], blocks, s)
         b_w = b_q * w[None, :]

@@ -72,16 +72,7 @@ static HOT vf loadf(const float* p) {
 
 static HOT void storef(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
-static HOT vf splat(float s) {
-#if MESWITCH_ISA == 1  // (a 16-lane splat would be built in memory, lane by lane)
-  const __m256 b = _mm256_set1_ps(s);
-  vh h;
-  std::memcpy(&h, &b, sizeof h);
-  return __builtin_shufflevector(h, h, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-  return (vf){} + s;
-#endif
-}
+static HOT vf splat(float s) { return (vf){} + s; }
 
 static HOT float h2f(c10::Half h) {
 #if MESWITCH_ISA >= 1
@@ -101,11 +92,6 @@ static HOT float hsum(vf v) {
   return v[0];
 }
 
-// Accumulators for NT tokens, kept in registers (GCC keeps an array of vectors in memory, a
-// store and a load per step, so they are named variables; the unused ones fold away). An FMA
-// takes 4 cycles before its result can be added to again, so one chain per token would stall:
-// with fewer than 4 tokens each token gets SLOTS = 4 / NT chains, and consecutive vectors of
-// codes go to consecutive slots. NT up to ROW_TOKENS (8 on AVX-512).
 // The accumulators' type. AVX2 has no 16-lane register: GCC then keeps a 16-lane vector that
 // lives across loop iterations in memory and moves it through general registers (measured:
 // 3-5x slower), so there an accumulator is two 8-lane halves, each a native register.
@@ -131,6 +117,12 @@ static HOT void fma_acc(va& a, vf w, const float* x) { a += w * loadf(x); }
 static HOT vf val(va a) { return a; }
 #endif
 
+// Accumulators for NT tokens, kept in registers (GCC keeps an array of vectors in memory, a
+// store and a load per step, so they are named variables; the unused ones fold away). An FMA
+// takes 4 cycles before its result can be added to again, so one chain per token would stall:
+// with fewer than 4 tokens each token gets SLOTS = 4 / NT chains (on AVX2, where each
+// accumulator is already two independent halves, half as many), and consecutive vectors of
+// codes go to consecutive slots. NT up to ROW_TOKENS (8 on AVX-512).
 template <int NT>
 struct Acc {
   static constexpr int SLOTS = MESWITCH_ISA == 1 ? (NT == 1 ? 2 : 1) : NT == 1 ? 4 : NT == 2 ? 2 : 1;
