@@ -32,7 +32,7 @@ import torch
 from ..compression.delta import QuantizedDelta
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
-SOURCES = ("delta_cpu.cpp", "delta_cpu_impl.h", "delta_cpu_bf16.h")
+SOURCES = ("delta_cpu.cpp", "delta_cpu_desc.h", "delta_cpu_impl.h", "delta_cpu_bf16.h")
 DESC_MAGIC = 0x4D45535744310001  # must match delta_cpu.cpp
 DESC_FIELDS = 16
 CFLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-unused-function"]

@@ -39,14 +39,7 @@ namespace meswitch_cpu {
 constexpr int64_t DESC_MAGIC = 0x4D45535744310001LL;  // "MESWD1" + version 1
 constexpr int64_t DESC_FIELDS = 16;
 
-struct Desc {
-  int64_t out, in, bits, n, group_size, n_groups, param_stride, k, row_bytes;
-  const uint8_t* codes;
-  const c10::Half* scale;
-  const c10::Half* offset;
-  const int32_t* salient_idx;
-  const c10::Half* salient_values;
-};
+#include "delta_cpu_desc.h"
 
 static Desc read_desc(int64_t address) {
   const int64_t* f = reinterpret_cast<const int64_t*>(address);
@@ -197,30 +190,6 @@ static void dequantize_dispatch(const Desc& d, const int64_t* rows, int64_t n_ro
   }
 }
 
-// ---- gathering activations ---------------------------------------------------------------------
-// x row (any float dtype) -> xq (the quantized columns in order, zero padded to a multiple of 16),
-// xs (the salient columns) and *xsum (the sum of the quantized columns), float32. The kernel
-// wants xq in its own block order: see block_order in delta_cpu_impl.h (the layout is the same
-// for every instruction set).
-template <typename T>
-static void gather_row(const T* x, const Desc& d, float* xq, float* xs, float* xsum, float* tmp) {
-  int64_t col = 0, j = 0;
-  for (int64_t s = 0; s <= d.k; ++s) {
-    const int64_t stop = s < d.k ? d.salient_idx[s] : d.in;
-    for (; col < stop; ++col) xq[j++] = static_cast<float>(x[col]);
-    if (s < d.k) xs[s] = static_cast<float>(x[col++]);
-  }
-  const int64_t n16 = isa_generic::padded(d.n);
-  for (; j < n16; ++j) xq[j] = 0.f;
-  float part[16] = {};  // 16 partial sums: n16 is a multiple of 16
-  for (j = 0; j < n16; j += 16)
-    for (int i = 0; i < 16; ++i) part[i] += xq[j + i];
-  float sum = 0.f;
-  for (int i = 0; i < 16; ++i) sum += part[i];
-  *xsum = sum;
-  isa_generic::block_order(d, xq, tmp);
-}
-
 constexpr int64_t ROW_BLOCK = 16;  // output rows per work item
 static_assert(ROW_BLOCK == 16, "the bf16 kernel finishes 16 rows per vector (bf_segment_rows)");
 
@@ -295,7 +264,7 @@ static void segmented_impl(const at::Tensor& x, at::Tensor& y, const at::Tensor&
     float* xs = xq + sg.tokens * n16;
     float* xsum = xs + sg.tokens * sg.d.k;
     for (int64_t t = 0; t < sg.tokens; ++t)
-      gather_row<T>(xp + (sg.a + t) * in, sg.d, xq + t * n16, xs + t * sg.d.k, xsum + t, tmp.data());
+      isa_generic::gather_row<T>(xp + (sg.a + t) * in, sg.d, xq + t * n16, xs + t * sg.d.k, xsum + t, tmp.data());
   }
 
   // Work items: (segment, block of ROW_BLOCK output rows).

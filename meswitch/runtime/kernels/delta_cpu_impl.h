@@ -280,6 +280,30 @@ static inline int64_t group_end(const Desc& d, int64_t g) {
   return g + 1 == d.n_groups ? padded(d.n) : (g + 1) * d.group_size;
 }
 
+// ---- gathering activations ---------------------------------------------------------------------
+// x row (any float dtype) -> xq (the quantized columns in order, zero padded to n16, in the
+// kernel's layout: block_order above), xs (the salient columns) and *xsum (the sum of the
+// quantized columns), float32. The same for every instruction set (delta_cpu.cpp calls the
+// portable namespace's).
+template <typename T>
+static void gather_row(const T* x, const Desc& d, float* xq, float* xs, float* xsum, float* tmp) {
+  int64_t col = 0, j = 0;
+  for (int64_t s = 0; s <= d.k; ++s) {
+    const int64_t stop = s < d.k ? d.salient_idx[s] : d.in;
+    for (; col < stop; ++col) xq[j++] = static_cast<float>(x[col]);
+    if (s < d.k) xs[s] = static_cast<float>(x[col++]);
+  }
+  const int64_t n16 = padded(d.n);
+  for (; j < n16; ++j) xq[j] = 0.f;
+  float part[16] = {};  // 16 partial sums: n16 is a multiple of 16
+  for (j = 0; j < n16; j += 16)
+    for (int i = 0; i < 16; ++i) part[i] += xq[j + i];
+  float sum = 0.f;
+  for (int i = 0; i < 16; ++i) sum += part[i];
+  *xsum = sum;
+  block_order(d, xq, tmp);
+}
+
 // ---- rows rebuilt into a buffer ----------------------------------------------------------------
 // Row o's codes as floats w[0 .. n16) in the BLOCKED layout where it applies (column order if
 // `natural`), then w = code * scale + offset per group. Positions n .. n16 hold garbage times 0
