@@ -16,7 +16,8 @@ its rows rotated (same sizes and statistics, different weights), for the memory 
    to B-bit base weights), and against swapping merged expert weights into the model between
    groups of requests (each group served alone; the merged weights are precomputed and resident,
    so a swap is only a copy: the fastest merged baseline).
-4. Where the time goes: torch profiler over decode steps of 8 requests on 4 experts.
+4. Prefill: 8 chat prompts and their first token over 1 and 4 experts, against the bare base.
+5. Where the time goes: torch profiler over decode steps of 8 requests on 4 experts.
 
 The dtype is the runtime's default ("auto": bfloat16 where the CPU has native bf16, else float32;
 --dtype to force one) for meswitch, the base and the merged baseline alike.
@@ -349,6 +350,41 @@ def measure_throughput(bundle: Path, threads: int, tokens: int, dtype: str, repe
     return rows
 
 
+def measure_prefill(bundle: Path, threads: int, dtype: str, repeats: int = 3) -> list[dict]:
+    """Prompt processing: 8 chat prompts (one prefill pass, ~350 tokens) and their first token, on
+    the bare base and spread over 1 and 4 experts; `repeats` rounds of base, meswitch, base."""
+    from meswitch.runtime import Switch
+
+    sw = Switch.load(bundle, dtype=dtype, base_fingerprint_check=False, threads=threads, max_batch=16)
+    names = sw.experts
+    for name in names[:4]:
+        sw.store.release(sw.store.acquire_blocking(name))
+
+    def first_token(experts) -> float:
+        t = time.perf_counter()
+        sw.generate(chats(len(experts)), expert=experts, temperature=0, max_tokens=1, ignore_eos=True)
+        return time.perf_counter() - t
+
+    first_token([None] * 8)
+    rows = []
+    for n in (1, 4):
+        experts = [names[i % n] for i in range(8)]
+        rounds = []
+        for _ in range(repeats):
+            base = first_token([None] * 8)
+            ours = first_token(experts)
+            base2 = first_token([None] * 8)
+            rounds.append({"base_s": (base + base2) / 2, "meswitch_s": ours, "ratio": ours / ((base + base2) / 2)})
+        med = statistics.median
+        rows.append({"experts": n, "requests": 8, "base_s": med(r["base_s"] for r in rounds),
+                     "meswitch_s": med(r["meswitch_s"] for r in rounds), "time_ratio": med(r["ratio"] for r in rounds),
+                     "rounds": rounds})
+        print(f"  prefill: 8 prompts over {n} experts: {rows[-1]['meswitch_s']:.3f} s vs base {rows[-1]['base_s']:.3f} s "
+              f"= {rows[-1]['time_ratio']:.2f}x the base's time", flush=True)
+    sw.close()
+    return rows
+
+
 # ----- 4. profile ---------------------------------------------------------------------------------
 def profile_decode(bundle: Path, threads: int, dtype: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
@@ -427,6 +463,11 @@ def markdown(res: dict) -> str:
                     else "not run (16 merged copies) | -")
             lines.append(f"| {r['requests']} | {r['experts']} | {r['meswitch_tok_s']:.1f} | {r['base_tok_s']:.1f} | "
                          f"{r['ratio_to_base']:.2f} | {r['traffic_limit']:.2f} | {swap} |")
+    if "prefill" in res:
+        lines += ["", "## Prefill: 8 prompts and their first token (time; 1.00x = as fast as the bare base)", "",
+                  "| experts | meswitch s | bare base s | meswitch / base |", "| ---: | ---: | ---: | ---: |"]
+        for r in res["prefill"]:
+            lines.append(f"| {r['experts']} | {r['meswitch_s']:.3f} | {r['base_s']:.3f} | {r['time_ratio']:.2f}x |")
     if "profile" in res:
         p = res["profile"]
         lines += ["", f"## Where the time goes (8 requests over 4 experts: {p['ms_per_step']:.1f} ms per decode step)", "",
@@ -451,7 +492,7 @@ def main() -> None:
     ap.add_argument("--full", help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=3, help="throughput: rounds per configuration (medians reported)")
     ap.add_argument("--name", help="results file name (default: runtime, or runtime_partial with --skip)")
-    ap.add_argument("--skip", action="append", default=[], choices=["memory", "cold", "throughput", "profile"])
+    ap.add_argument("--skip", action="append", default=[], choices=["memory", "cold", "throughput", "prefill", "profile"])
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child_memory(args)))
@@ -490,6 +531,9 @@ def main() -> None:
     if "throughput" not in args.skip:
         print("throughput", flush=True)
         res["throughput"] = measure_throughput(bundles[16], args.threads, args.tokens, args.dtype, args.repeats)
+    if "prefill" not in args.skip:
+        print("prefill", flush=True)
+        res["prefill"] = measure_prefill(bundles[4], args.threads, args.dtype, args.repeats)
     if "profile" not in args.skip:
         print("profile", flush=True)
         res["profile"] = profile_decode(bundles[4], args.threads, args.dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from meswitch.compression.delta import QuantizedDelta
 from meswitch.compression.packing import pack_codes
@@ -150,6 +151,31 @@ def test_several_experts_in_one_call_and_the_dense_route(tmp_path):
     assert torch.equal(y, y0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_computes_long_segments_with_the_merged_weight(dtype):
+    """backend.linear: base rows, short segments (kernel), long segments (one GEMM with W + D,
+    rounded once as materialize rounds it), and a long segment of an expert without a delta on
+    the layer (base rows), against the base product plus the reference backend's deltas."""
+    be = CpuKernelBackend(dense_min_tokens=16)
+    ref = ReferenceBackend()
+    deltas = [make_delta(40, 96, b, s, 0, seed=20 + b) for b, s in ((2, 2), (4, 0))]
+    tables = [be.expert_table([None, be.prepare(d, dtype)]) for d in deltas] + [be.expert_table([None, None])]
+    rtables = [ref.expert_table([None, ref.prepare(d, torch.float32)]) for d in deltas] + [ref.expert_table([None, None])]
+    segs = [(0, 1, 5), (1, 5, 30), (2, 30, 50), (0, 52, 70)]  # short, long, long without delta, long; rows 0, 50-52, 70+ base
+    x = torch.randn(73, 96).to(dtype)
+    w, bias = (torch.randn(40, 96) * 0.1).to(dtype), torch.randn(40).to(dtype)
+    y = be.linear(x, w, bias, be.plan([(tables[e], a, b) for e, a, b in segs]), 1)
+    want = F.linear(x.float(), w.float(), bias.float())
+    ref.segmented_matmul(x.float(), want, ref.plan([(rtables[e], a, b) for e, a, b in segs]), 1)
+    tol = FP32_REL if dtype == torch.float32 else 2.0 ** -7
+    assert ((y.float() - want).abs() <= tol * want.abs().max()).all()
+    for e, a, b in (segs[1], segs[3]):  # exactly the materialized expert's weight in the model dtype
+        assert torch.equal(y[a:b], F.linear(x[a:b], (w.float() + deltas[e].dequantize()).to(dtype), bias))
+    assert torch.equal(y[70:], F.linear(x[70:], w, bias))
+    y0 = be.linear(x, w, bias, be.plan([(tables[e], a, b) for e, a, b in segs]), 0)  # layer 0: no deltas
+    assert torch.equal(y0, F.linear(x, w, bias))
+
+
 def test_compute_ready_is_the_stored_form():
     be = CpuKernelBackend()
     d = make_delta(256, 576, 2, 6, 0, seed=3)
@@ -169,8 +195,13 @@ def test_dequantize_and_rows(isa):
         ids = torch.tensor([69, 0, 5, 5])
         assert torch.equal(cpu_kernel.dequantize(p, torch.float32, ids), d.dequantize()[ids])
         assert torch.equal(cpu_kernel.dequantize(p, torch.bfloat16), d.dequantize().to(torch.bfloat16))
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):  # base + delta, rounded once
+            base = torch.randn(70, 333).to(dtype)
+            assert torch.equal(cpu_kernel.dequantize(p, dtype, base=base), (base.float() + d.dequantize()).to(dtype))
     with pytest.raises(RuntimeError, match="out of range"):
         cpu_kernel.dequantize(p, torch.float32, torch.tensor([70]))
+    with pytest.raises(RuntimeError, match="base must be"):
+        cpu_kernel.dequantize(p, torch.float32, base=torch.zeros(70, 332))
 
 
 def test_hand_made_codes_through_the_format_definition():

@@ -10,6 +10,7 @@ makes between its LoRA layers and its punica wrapper). The protocol:
     expert_table(ready)          -> table        once per hot expert: its ready deltas by layer index
     plan(segments)               -> plan         once per forward pass: [(table, a, b)] token ranges
     segmented_matmul(x, y, plan, layer)          y[a:b] += x[a:b] @ delta_e^T for every segment
+    linear(x, weight, bias, plan, layer) -> y    the whole layer: x @ W^T + b, plus every segment's delta
     prepare_rows(delta)          -> rows source  once per hot expert, for its embedding delta
     rows_nbytes(delta)           -> int          memory prepare_rows() adds beyond the packed delta
     gather_rows(source, ids)     -> float32 rows of the delta, for embedding lookups
@@ -22,6 +23,11 @@ compute dtype at prepare() (A [out, r] and B [r, in], small) and only the two th
 
 Segments are contiguous token ranges of one expert each (the engine orders tokens by expert),
 the layout of Punica's SGMV and DeltaZip's SBMM: one call per layer covers every expert.
+`linear` is what the delta layers call: the base product plus segmented_matmul, except that the
+kernel backends compute a long segment (dense_min_tokens tokens or more: prompt prefill) of a
+delta stored as codes alone as one GEMM with W + D (rounded once to the model dtype, as
+`materialize` builds the expert's weight), instead of the base GEMM plus a second GEMM with the
+dequantized delta.
 
 Backends shipped here:
 - `cpu` (CpuKernelBackend): meswitch's own kernel (cpu_kernel.py, kernels/delta_cpu.cpp) reads
@@ -150,6 +156,9 @@ class DeltaBackend(Protocol):
 
     def segmented_matmul(self, x: torch.Tensor, y: torch.Tensor, plan: object, layer: int) -> None: ...
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: object,
+               layer: int) -> torch.Tensor: ...
+
     def prepare_rows(self, delta: CompressedDelta) -> object: ...
 
     def rows_nbytes(self, delta: CompressedDelta) -> int: ...
@@ -185,6 +194,11 @@ class ReferenceBackend:
             r = table[layer]
             if r is not None:
                 y[a:b].add_(F.linear(x[a:b], r.weight))
+
+    def linear(self, x, weight, bias, plan, layer) -> torch.Tensor:
+        y = F.linear(x, weight, bias)
+        self.segmented_matmul(x, y, plan, layer)
+        return y
 
     def prepare_rows(self, delta: CompressedDelta) -> CompressedDelta | LowRankReady:
         if isinstance(delta, SvdDelta):  # float32 factors: rows as SvdDelta.dequantize computes them
@@ -265,6 +279,42 @@ class StoredCodesBackend:
             return self._pack_nbytes(delta) + lowrank_extra_nbytes(delta, dtype)
         return 0 if delta.values.dtype == dtype else delta.shape[0] * delta.shape[1] * dtype.itemsize
 
+    def _kernel_segments(self, x: torch.Tensor, y: torch.Tensor, plan, layer: int) -> None:
+        """y[a:b] += x[a:b] @ D^T for the plan's short segments (the kernel's)."""
+        raise NotImplementedError
+
+    def _merged_weight(self, r: ReadyDelta, weight: torch.Tensor, table, layer: int) -> torch.Tensor:
+        """W + D in W's dtype, added in float32 and rounded once (r: codes alone, no low-rank part)."""
+        d = self._dequantize(r, torch.float32, table=table, layer=layer)
+        return d.add_(weight).to(weight.dtype)  # one float32 temporary
+
+    def segmented_matmul(self, x: torch.Tensor, y: torch.Tensor, plan, layer: int) -> None:
+        self._kernel_segments(x, y, plan, layer)
+        self._python_segments(x, y, plan.python_segments, layer)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan, layer: int) -> torch.Tensor:
+        """x @ W^T + b plus every segment's delta; long segments of deltas stored as codes alone
+        as one GEMM with W + D, the other rows with W."""
+        merged = [(t, a, b) for t, a, b in plan.python_segments
+                  if b - a >= self.dense_min_tokens and isinstance(t.ready[layer], (PackedDelta, TritonReady))]
+        if not merged:
+            y = F.linear(x, weight, bias)
+            self.segmented_matmul(x, y, plan, layer)
+            return y
+        y = x.new_empty(x.shape[0], weight.shape[0])
+        start = 0
+        for t, a, b in sorted(merged, key=lambda s: s[1]):  # segments do not overlap
+            if start < a:
+                y[start:a] = F.linear(x[start:a], weight, bias)
+            y[a:b] = F.linear(x[a:b], self._merged_weight(t.ready[layer], weight, t, layer), bias)
+            start = b
+        if start < x.shape[0]:
+            y[start:] = F.linear(x[start:], weight, bias)
+        done = {(id(t), a, b) for t, a, b in merged}
+        self._kernel_segments(x, y, plan, layer)
+        self._python_segments(x, y, [(t, a, b) for t, a, b in plan.python_segments if (id(t), a, b) not in done], layer)
+        return y
+
     def _python_segments(self, x: torch.Tensor, y: torch.Tensor, segments: list, layer: int) -> None:
         """Segments the kernel left: 16-bit deltas, long segments of quantized ones (the kernel
         skips those), and the low-rank parts of deltas that have one (of every segment)."""
@@ -343,11 +393,12 @@ class CpuKernelBackend(StoredCodesBackend):
         python = [(t, a, b) for t, a, b in segments if t.has_dense or b - a >= self.dense_min_tokens]
         return CpuPlan(table, bounds, python)
 
-    def segmented_matmul(self, x: torch.Tensor, y: torch.Tensor, plan: CpuPlan, layer: int) -> None:
-        if plan.table is None:
-            return
-        torch.ops.meswitch.segmented_delta_mm(x, y, plan.table, plan.bounds, layer, self.dense_min_tokens)
-        self._python_segments(x, y, plan.python_segments, layer)
+    def _merged_weight(self, r, weight, table, layer) -> torch.Tensor:
+        return cpu_kernel.dequantize(r, weight.dtype, base=weight.contiguous())
+
+    def _kernel_segments(self, x: torch.Tensor, y: torch.Tensor, plan: CpuPlan, layer: int) -> None:
+        if plan.table is not None:  # segments of dense_min_tokens or more are skipped by the kernel
+            torch.ops.meswitch.segmented_delta_mm(x, y, plan.table, plan.bounds, layer, self.dense_min_tokens)
 
 
 # ----- the Triton (GPU) kernel backend --------------------------------------------------------------
@@ -401,10 +452,9 @@ class TritonBackend(StoredCodesBackend):
                                 device=self.device)
         return TritonPlan(rows, max((b - a for _, a, b in kernel), default=0), python)
 
-    def segmented_matmul(self, x: torch.Tensor, y: torch.Tensor, plan: TritonPlan, layer: int) -> None:
-        if plan.rows is not None:
+    def _kernel_segments(self, x: torch.Tensor, y: torch.Tensor, plan: TritonPlan, layer: int) -> None:
+        if plan.rows is not None:  # short segments only (plan)
             triton_kernel.segmented_delta_mm(x, y, plan.rows, layer, plan.max_tokens)
-        self._python_segments(x, y, plan.python_segments, layer)
 
 
 BACKENDS = ("auto", "cpu", "triton", "reference")

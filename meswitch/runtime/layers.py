@@ -7,9 +7,11 @@ which token range belongs to which expert. Each wrapped module then computes
     y = base_module(x)                   once, for all tokens (the plain base)
     y[a:b] += expert's delta term        for every expert segment [a, b)
 
-Tokens of the plain base are in no segment. Linear layers add x @ delta^T for all segments in
-one call to the compute backend (backend.py); RMSNorms and biases use the expert's exact weights;
-the embedding adds the expert's delta rows of the looked-up tokens. All of this mirrors what
+Tokens of the plain base are in no segment. Linear layers hand the whole product to the compute
+backend (backend.py, `linear`: the base product plus x @ delta^T for all segments in one call,
+long prefill segments there as one GEMM with the expert's weight W + delta); RMSNorms and
+biases use the expert's exact weights; the embedding adds the expert's delta rows of the
+looked-up tokens. All of this mirrors what
 `materialize` computes, so a request gets what the materialized expert would give it (up to
 float rounding).
 
@@ -130,17 +132,17 @@ class DeltaLinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         ctx = self.ctx
         segs, plan, rows = ((ctx.head_segments, ctx.head_plan, ctx.n_head_rows) if self.is_head
                             else (ctx.segments, ctx.plan, ctx.n_tokens))
         if not segs:
-            return y
+            return self.base(x)
         x2 = x.reshape(-1, x.shape[-1])
-        y2 = y.view(-1, y.shape[-1])
         if x2.shape[0] != rows:
             raise DeltaLayerError(f"{self.path}: {x2.shape[0]} input rows, the pass has {rows}")
-        ctx.backend.segmented_matmul(x2.contiguous(), y2, plan, self.index)
+        # the base product and every segment's delta, as the backend computes them best
+        y2 = ctx.backend.linear(x2.contiguous(), self.base.weight, self.base.bias, plan, self.index)
+        y = y2.view(*x.shape[:-1], y2.shape[-1])
         extra = 0
         for exp, a, b in segs:
             fix = exp.bias_fix.get(self.path)

@@ -7,7 +7,8 @@
 //       table int64 [S, L]: descriptor address of expert s's delta for layer l (0: none);
 //       bounds int64 [S, 2]: token range [a, b) of segment s. Segments of max_tokens tokens or
 //       more are left to the caller (a dense GEMM is faster there).
-//   meswitch::dequantize(desc, rows, dtype) -> [len(rows) or out, in]
+//   meswitch::dequantize(desc, rows, dtype, base=None) -> [len(rows) or out, in]: the delta's rows,
+//       or with base ([out, in], dtype) base + the delta, added in float32 and rounded once
 //   meswitch::select_isa(name) -> the instruction set now in use ("" = keep; "auto", "avx512_bf16",
 //       "avx512", "avx2", "generic": the best one this CPU supports, capped at the one named)
 //
@@ -179,14 +180,14 @@ static RowsFn rows_fn() {
 }
 
 template <typename T>
-static void dequantize_dispatch(const Desc& d, const int64_t* rows, int64_t n_rows, T* out) {
+static void dequantize_dispatch(const Desc& d, const int64_t* rows, int64_t n_rows, T* out, const T* base) {
   switch (current_isa()) {
 #ifdef MESWITCH_X86
-    case AVX512_BF16: return isa_avx512_bf16::dequantize_rows<T>(d, rows, n_rows, out);
-    case AVX512: return isa_avx512::dequantize_rows<T>(d, rows, n_rows, out);
-    case AVX2: return isa_avx2::dequantize_rows<T>(d, rows, n_rows, out);
+    case AVX512_BF16: return isa_avx512_bf16::dequantize_rows<T>(d, rows, n_rows, out, base);
+    case AVX512: return isa_avx512::dequantize_rows<T>(d, rows, n_rows, out, base);
+    case AVX2: return isa_avx2::dequantize_rows<T>(d, rows, n_rows, out, base);
 #endif
-    default: return isa_generic::dequantize_rows<T>(d, rows, n_rows, out);
+    default: return isa_generic::dequantize_rows<T>(d, rows, n_rows, out, base);
   }
 }
 
@@ -325,7 +326,8 @@ void segmented_delta_mm(const at::Tensor& x, at::Tensor& y, const at::Tensor& ta
   }
 }
 
-at::Tensor dequantize(const at::Tensor& desc, const c10::optional<at::Tensor>& rows, at::ScalarType dtype) {
+at::Tensor dequantize(const at::Tensor& desc, const c10::optional<at::Tensor>& rows, at::ScalarType dtype,
+                      const c10::optional<at::Tensor>& base) {
   TORCH_CHECK(desc.scalar_type() == at::kLong && desc.numel() == DESC_FIELDS && desc.is_contiguous(),
               "meswitch: bad descriptor tensor");
   const Desc d = read_desc(reinterpret_cast<int64_t>(desc.data_ptr<int64_t>()));
@@ -339,11 +341,26 @@ at::Tensor dequantize(const at::Tensor& desc, const c10::optional<at::Tensor>& r
     for (int64_t i = 0; i < n_rows; ++i)
       TORCH_CHECK(rp[i] >= 0 && rp[i] < d.out, "meswitch: row ", rp[i], " out of range");
   }
+  if (base.has_value()) {
+    TORCH_CHECK(base->device().is_cpu() && base->scalar_type() == dtype && base->dim() == 2 &&
+                    base->size(0) == d.out && base->size(1) == d.in && base->is_contiguous(),
+                "meswitch: base must be a contiguous CPU [", d.out, ", ", d.in, "] tensor of the output dtype");
+  }
   at::Tensor o = at::empty({n_rows, d.in}, desc.options().dtype(dtype));
+  const auto ptr = [&](auto* type_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    return base.has_value() ? static_cast<const T*>(base->data_ptr()) : nullptr;
+  };
   switch (dtype) {
-    case at::kFloat: dequantize_dispatch<float>(d, rp, n_rows, o.data_ptr<float>()); break;
-    case at::kBFloat16: dequantize_dispatch<c10::BFloat16>(d, rp, n_rows, o.data_ptr<c10::BFloat16>()); break;
-    case at::kHalf: dequantize_dispatch<c10::Half>(d, rp, n_rows, o.data_ptr<c10::Half>()); break;
+    case at::kFloat:
+      dequantize_dispatch<float>(d, rp, n_rows, o.data_ptr<float>(), ptr((float*)nullptr));
+      break;
+    case at::kBFloat16:
+      dequantize_dispatch<c10::BFloat16>(d, rp, n_rows, o.data_ptr<c10::BFloat16>(), ptr((c10::BFloat16*)nullptr));
+      break;
+    case at::kHalf:
+      dequantize_dispatch<c10::Half>(d, rp, n_rows, o.data_ptr<c10::Half>(), ptr((c10::Half*)nullptr));
+      break;
     default: TORCH_CHECK(false, "meswitch: unsupported output dtype ", dtype);
   }
   return o;
@@ -354,6 +371,7 @@ at::Tensor dequantize(const at::Tensor& desc, const c10::optional<at::Tensor>& r
 TORCH_LIBRARY(meswitch, m) {
   m.def("segmented_delta_mm(Tensor x, Tensor(a!) y, Tensor table, Tensor bounds, int layer, int max_tokens) -> ()",
         &meswitch_cpu::segmented_delta_mm);
-  m.def("dequantize(Tensor desc, Tensor? rows, ScalarType dtype) -> Tensor", &meswitch_cpu::dequantize);
+  m.def("dequantize(Tensor desc, Tensor? rows, ScalarType dtype, Tensor? base=None) -> Tensor",
+        &meswitch_cpu::dequantize);
   m.def("select_isa(str name) -> str", &meswitch_cpu::select_isa);
 }

@@ -513,20 +513,26 @@ static void segment_rows(const Desc& d, int64_t r0, int64_t r1, int64_t tokens, 
   }
 }
 
-// Rows `rows` (or all rows) of D, written as [len(rows), in] in the output's dtype.
+// Rows `rows` (or all rows) of D, written as [len(rows), in] in the output's dtype. With `base`
+// ([out, in], the output's dtype): base + D, added in float32 and rounded once (what
+// `materialize` computes).
 template <typename T>
-static void dequantize_rows(const Desc& d, const int64_t* rows, int64_t n_rows, T* out) {
+static void dequantize_rows(const Desc& d, const int64_t* rows, int64_t n_rows, T* out, const T* base = nullptr) {
   at::parallel_for(0, n_rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d.in)), [&](int64_t a, int64_t b) {
     std::vector<float> w(static_cast<size_t>(padded(d.n)) + LANES);
     for (int64_t r = a; r < b; ++r) {
       const int64_t o = rows ? rows[r] : r;
       if (d.n) rebuild_row(d, o, w.data(), true);
       T* dst = out + r * d.in;
+      const T* src = base ? base + o * d.in : nullptr;
+      const auto put = [&](int64_t col, float v) {
+        dst[col] = static_cast<T>(src ? static_cast<float>(src[col]) + v : v);
+      };
       int64_t col = 0, j = 0;
       for (int64_t s = 0; s <= d.k; ++s) {
         const int64_t stop = s < d.k ? d.salient_idx[s] : d.in;
-        for (; col < stop; ++col) dst[col] = static_cast<T>(w[j++]);
-        if (s < d.k) dst[col++] = static_cast<T>(h2f(d.salient_values[o * d.k + s]));
+        for (; col < stop; ++col) put(col, w[j++]);
+        if (s < d.k) put(col++, h2f(d.salient_values[o * d.k + s]));
       }
     }
   });
