@@ -32,7 +32,8 @@ dequantized delta.
 Backends shipped here:
 - `cpu` (CpuKernelBackend): meswitch's own kernel (cpu_kernel.py, kernels/delta_cpu.cpp) reads
   the stored b-bit codes in place; compute-ready costs 128 bytes per matrix. Segments of
-  DENSE_MIN_TOKENS tokens or more (prompt prefill) are faster as one dequantization plus a GEMM.
+  DENSE_MIN_TOKENS tokens or more (prompt prefill) are faster as one GEMM with W + D, built from
+  the codes for the call (`linear`).
 - `reference` (ReferenceBackend): every delta dequantized to a dense matrix in the model dtype
   and multiplied with PyTorch. Simple and obviously right; it costs a dense copy per expert.
 - `triton` (TritonBackend): the GPU kernel (triton_kernel.py) reads the stored codes in device
@@ -59,7 +60,9 @@ from . import cpu_kernel, triton_kernel
 from .cpu_kernel import PackedDelta
 from .triton_kernel import TritonReady
 
-DENSE_MIN_TOKENS = 32  # from here on, dequantize-then-GEMM beats the kernel (benchmarks/kernels.py)
+# From here on, a dense GEMM with the rebuilt weight beats the kernel (benchmarks/kernels.py measured
+# dequantize-then-GEMM; the merged weight of `linear` also saves the base GEMM of those rows).
+DENSE_MIN_TOKENS = 32
 # The Triton kernel's segments up to this length; longer ones dequantize and GEMM. A guess (no GPU
 # measured yet): benchmarks/gpu.py measures both routes per layer.
 TRITON_DENSE_MIN_TOKENS = 128
@@ -419,7 +422,7 @@ class TritonPlan:
 class TritonBackend(StoredCodesBackend):
     """Products straight from the stored codes in device memory (triton_kernel.py): one launch per
     layer for every segment shorter than dense_min_tokens; longer ones (prompt prefill) are one
-    dequantization into a scratch matrix plus a GEMM, like the CPU backend's dense route."""
+    GEMM with W + D rebuilt into a scratch matrix, like the CPU backend's (`linear`)."""
     name = "triton"
 
     def __init__(self, device: str | torch.device = "cuda", dense_min_tokens: int = TRITON_DENSE_MIN_TOKENS):
