@@ -12,6 +12,9 @@ distinct matrices larger than the last-level cache (--pool-mib), cycled through,
 configuration alternates base and delta calls and keeps the fastest of --reps rounds (the
 machine is shared: side-by-side minima, not means). The traffic limit is b/B: the delta's bytes
 per weight over the base's (2.2 bits incl. scales and salient columns over 16 or 32 bits).
+merged_gemm_ratio: the runtime's path for long segments (one GEMM with W + D, rebuilt by the
+kernel into a reused buffer) over the kernel's path (base GEMM + delta kernel), both cache-hot:
+below 1 the merged path is faster at that many tokens (the runtime switches at DENSE_MIN_TOKENS).
 
     .venv/bin/python benchmarks/kernels.py [--threads 1] [--dtypes float32 bfloat16] [--out benchmarks/results]
 """
@@ -104,11 +107,16 @@ def bench_shape(out: int, cols: int, dtype: torch.dtype, pool_bytes: int, reps: 
         times = fastest(fns, reps, isas)
         cpu_kernel.select_isa(isa)
         base_s, delta_s, base_hot, delta_hot = times[:4]
-        # the alternative for many tokens: dequantize once, then a dense GEMM
-        (dense_s,) = fastest([lambda: F.linear(x, cpu_kernel.dequantize(packed[0], dtype))], max(3, reps // 4))
+        # the alternatives for many tokens: dequantize once, then a dense GEMM beside the base's;
+        # or (what the runtime does from DENSE_MIN_TOKENS on) one GEMM with W + D, rebuilt into a
+        # reused buffer, instead of the base's GEMM: merged_gemm_ratio is that over base + delta
+        buf = torch.empty(out, cols, dtype=dtype)
+        (dense_s, merged_s) = fastest([lambda: F.linear(x, cpu_kernel.dequantize(packed[0], dtype)),
+                                       lambda: F.linear(x, cpu_kernel.dequantize(packed[0], dtype, base=bases[0], out=buf))],
+                                      max(3, reps // 4))
         rows.append({"tokens": t, "base_us": base_s * 1e6, "delta_us": delta_s * 1e6, "ratio": delta_s / base_s,
                      "base_hot_us": base_hot * 1e6, "delta_hot_us": delta_hot * 1e6, "ratio_hot": delta_hot / base_hot,
-                     "dequant_gemm_ratio": dense_s / base_s})
+                     "dequant_gemm_ratio": dense_s / base_s, "merged_gemm_ratio": merged_s / (base_hot + delta_hot)})
         if len(times) > 4:
             rows[-1]["float_path_ratio"] = times[4] / base_s
     return rows
@@ -141,7 +149,8 @@ def main() -> None:
                 r.update({"shape": name, "dtype": dname, "traffic_limit": limit})
                 res["results"].append(r)
                 print(f"  {dname:8s} {name:26s} t={r['tokens']:3d}: delta/base {r['ratio']:.3f} "
-                      f"(limit {limit:.3f}; cache-hot {r['ratio_hot']:.2f}; dequant+GEMM {r['dequant_gemm_ratio']:.2f}"
+                      f"(limit {limit:.3f}; cache-hot {r['ratio_hot']:.2f}; dequant+GEMM {r['dequant_gemm_ratio']:.2f}; "
+                      f"W+D GEMM / base+delta {r['merged_gemm_ratio']:.2f}"
                       + (f"; float path {r['float_path_ratio']:.3f}" if "float_path_ratio" in r else "") + ") "
                       f"base {r['base_us']:.0f} us", flush=True)
     out = Path(args.out)

@@ -197,11 +197,17 @@ def test_dequantize_and_rows(isa):
         assert torch.equal(cpu_kernel.dequantize(p, torch.bfloat16), d.dequantize().to(torch.bfloat16))
         for dtype in (torch.float32, torch.bfloat16, torch.float16):  # base + delta, rounded once
             base = torch.randn(70, 333).to(dtype)
-            assert torch.equal(cpu_kernel.dequantize(p, dtype, base=base), (base.float() + d.dequantize()).to(dtype))
+            want = (base.float() + d.dequantize()).to(dtype)
+            assert torch.equal(cpu_kernel.dequantize(p, dtype, base=base), want)
+            buf = torch.full((70, 333), float("nan"), dtype=dtype)  # written into a given buffer
+            got = cpu_kernel.dequantize(p, dtype, base=base, out=buf)
+            assert got.data_ptr() == buf.data_ptr() and torch.equal(buf, want)
     with pytest.raises(RuntimeError, match="out of range"):
         cpu_kernel.dequantize(p, torch.float32, torch.tensor([70]))
     with pytest.raises(RuntimeError, match="base must be"):
         cpu_kernel.dequantize(p, torch.float32, base=torch.zeros(70, 332))
+    with pytest.raises(RuntimeError, match="out must be"):
+        cpu_kernel.dequantize(p, torch.float32, out=torch.zeros(70, 333, dtype=torch.bfloat16))
 
 
 def test_hand_made_codes_through_the_format_definition():

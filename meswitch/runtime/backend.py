@@ -47,6 +47,7 @@ CUDA model too, and plans carry their index tensors to that device.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
@@ -60,8 +61,8 @@ from . import cpu_kernel, triton_kernel
 from .cpu_kernel import PackedDelta
 from .triton_kernel import TritonReady
 
-# From here on, a dense GEMM with the rebuilt weight beats the kernel (benchmarks/kernels.py measured
-# dequantize-then-GEMM; the merged weight of `linear` also saves the base GEMM of those rows).
+# From here on, one GEMM with W + D rebuilt for the call beats the base GEMM plus the kernel
+# (benchmarks/results/kernels_merged.json, bf16: 1.24-1.76x their time at 16 tokens, 0.61-0.87x at 64).
 DENSE_MIN_TOKENS = 32
 # The Triton kernel's segments up to this length; longer ones dequantize and GEMM. A guess (no GPU
 # measured yet): benchmarks/gpu.py measures both routes per layer.
@@ -373,6 +374,7 @@ class CpuKernelBackend(StoredCodesBackend):
     def __init__(self, dense_min_tokens: int = DENSE_MIN_TOKENS):
         cpu_kernel.load()  # raises KernelUnavailable
         self.dense_min_tokens = dense_min_tokens
+        self._scratch = threading.local()  # the merged weight of `linear`, one layer at a time
 
     def _pack(self, delta: QuantizedDelta) -> PackedDelta:
         return cpu_kernel.pack(delta)
@@ -397,7 +399,13 @@ class CpuKernelBackend(StoredCodesBackend):
         return CpuPlan(table, bounds, python)
 
     def _merged_weight(self, r, weight, table, layer) -> torch.Tensor:
-        return cpu_kernel.dequantize(r, weight.dtype, base=weight.contiguous())
+        # Written into a buffer kept per thread: a fresh tensor of a 7B model's layer size costs
+        # more in page faults (measured: 14 ms for 32 MiB) than building the weight.
+        scratch = getattr(self._scratch, "buf", None)
+        if scratch is None or scratch.dtype != weight.dtype or scratch.numel() < weight.numel():
+            scratch = self._scratch.buf = torch.empty(weight.numel(), dtype=weight.dtype)
+        out = scratch[:weight.numel()].view(weight.shape)
+        return cpu_kernel.dequantize(r, weight.dtype, base=weight.contiguous(), out=out)
 
     def _kernel_segments(self, x: torch.Tensor, y: torch.Tensor, plan: CpuPlan, layer: int) -> None:
         if plan.table is not None:  # segments of dense_min_tokens or more are skipped by the kernel

@@ -7,8 +7,9 @@
 //       table int64 [S, L]: descriptor address of expert s's delta for layer l (0: none);
 //       bounds int64 [S, 2]: token range [a, b) of segment s. Segments of max_tokens tokens or
 //       more are left to the caller (a dense GEMM is faster there).
-//   meswitch::dequantize(desc, rows, dtype, base=None) -> [len(rows) or out, in]: the delta's rows,
-//       or with base ([out, in], dtype) base + the delta, added in float32 and rounded once
+//   meswitch::dequantize(desc, rows, dtype, base=None, out=None) -> [len(rows) or out, in]: the
+//       delta's rows, or with base ([out, in], dtype) base + the delta, added in float32 and
+//       rounded once; written into `out` when given (a buffer the caller reuses)
 //   meswitch::select_isa(name) -> the instruction set now in use ("" = keep; "auto", "avx512_bf16",
 //       "avx512", "avx2", "generic": the best one this CPU supports, capped at the one named)
 //
@@ -327,7 +328,7 @@ void segmented_delta_mm(const at::Tensor& x, at::Tensor& y, const at::Tensor& ta
 }
 
 at::Tensor dequantize(const at::Tensor& desc, const c10::optional<at::Tensor>& rows, at::ScalarType dtype,
-                      const c10::optional<at::Tensor>& base) {
+                      const c10::optional<at::Tensor>& base, const c10::optional<at::Tensor>& out) {
   TORCH_CHECK(desc.scalar_type() == at::kLong && desc.numel() == DESC_FIELDS && desc.is_contiguous(),
               "meswitch: bad descriptor tensor");
   const Desc d = read_desc(reinterpret_cast<int64_t>(desc.data_ptr<int64_t>()));
@@ -346,7 +347,15 @@ at::Tensor dequantize(const at::Tensor& desc, const c10::optional<at::Tensor>& r
                     base->size(0) == d.out && base->size(1) == d.in && base->is_contiguous(),
                 "meswitch: base must be a contiguous CPU [", d.out, ", ", d.in, "] tensor of the output dtype");
   }
-  at::Tensor o = at::empty({n_rows, d.in}, desc.options().dtype(dtype));
+  at::Tensor o;
+  if (out.has_value()) {  // a buffer the caller reuses: fresh pages of a large new tensor cost more than the work
+    TORCH_CHECK(out->device().is_cpu() && out->scalar_type() == dtype && out->dim() == 2 && out->size(0) == n_rows &&
+                    out->size(1) == d.in && out->is_contiguous(),
+                "meswitch: out must be a contiguous CPU [", n_rows, ", ", d.in, "] tensor of the output dtype");
+    o = *out;
+  } else {
+    o = at::empty({n_rows, d.in}, desc.options().dtype(dtype));
+  }
   const auto ptr = [&](auto* type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     return base.has_value() ? static_cast<const T*>(base->data_ptr()) : nullptr;
@@ -371,7 +380,7 @@ at::Tensor dequantize(const at::Tensor& desc, const c10::optional<at::Tensor>& r
 TORCH_LIBRARY(meswitch, m) {
   m.def("segmented_delta_mm(Tensor x, Tensor(a!) y, Tensor table, Tensor bounds, int layer, int max_tokens) -> ()",
         &meswitch_cpu::segmented_delta_mm);
-  m.def("dequantize(Tensor desc, Tensor? rows, ScalarType dtype, Tensor? base=None) -> Tensor",
+  m.def("dequantize(Tensor desc, Tensor? rows, ScalarType dtype, Tensor? base=None, Tensor(a!)? out=None) -> Tensor",
         &meswitch_cpu::dequantize);
   m.def("select_isa(str name) -> str", &meswitch_cpu::select_isa);
 }
