@@ -150,9 +150,9 @@ def pack(d: QuantizedDelta) -> PackedDelta:
 def dequantize(p: PackedDelta, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None,
                base: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The delta (or some of its rows) as a dense matrix in `dtype`, rebuilt by the kernel. With
-    `base` (the base weight, [out, in] in `dtype`, rows None): base + delta, added in float32 and
-    rounded once to `dtype`, as `materialize` computes the expert's weight. `out`: a contiguous
-    tensor of the result's shape and dtype to write into (returned)."""
+    `base` (the base weight, [out, in] in `dtype`): the base's rows + the delta's, added in float32
+    and rounded once to `dtype`, as `materialize` computes the expert's weight. `out`: a
+    contiguous tensor of the result's shape and dtype to write into (returned)."""
     return torch.ops.meswitch.dequantize(p.desc, rows, dtype, base, out)
 
 
