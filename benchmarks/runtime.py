@@ -309,6 +309,17 @@ def traffic_limit(experts: int, bits: float, dtype) -> float:
     return 1.0 / (1.0 + experts * bits / torch.finfo(dtype).bits)
 
 
+def bracketed(measure_base, measure_ours, repeats: int) -> list[tuple[float, float]]:
+    """`repeats` rounds of base, meswitch, base (each meswitch number bracketed: the machine is
+    noisy): [(mean of the two base numbers, the meswitch number)] per round."""
+    rounds = []
+    for _ in range(repeats):
+        base = measure_base()
+        ours = measure_ours()
+        rounds.append(((base + measure_base()) / 2, ours))
+    return rounds
+
+
 def measure_throughput(bundle: Path, threads: int, tokens: int, dtype: str, repeats: int = 1) -> list[dict]:
     from meswitch.bundle.format import Bundle
     from meswitch.runtime import Switch
@@ -324,14 +335,10 @@ def measure_throughput(bundle: Path, threads: int, tokens: int, dtype: str, repe
     med = statistics.median
     for n, batch in ((1, 8), (2, 8), (4, 8), (8, 8), (16, 16)):
         experts = [names[i % n] for i in range(batch)]
-        # `repeats` rounds of base, meswitch, base (each ratio bracketed: the machine is noisy);
-        # the medians are reported, every round is kept.
-        rounds = []
-        for _ in range(repeats):
-            base = run_batch(sw, [None] * batch, tokens)
-            ours = run_batch(sw, experts, tokens)
-            base2 = run_batch(sw, [None] * batch, tokens)
-            rounds.append({"base_tok_s": (base + base2) / 2, "meswitch_tok_s": ours, "ratio": ours / ((base + base2) / 2)})
+        # the medians are reported, every round is kept
+        rounds = [{"base_tok_s": base, "meswitch_tok_s": ours, "ratio": ours / base}
+                  for base, ours in bracketed(lambda: run_batch(sw, [None] * batch, tokens),
+                                              lambda: run_batch(sw, experts, tokens), repeats)]
         merged = {e: merged_weights(sw, e) for e in dict.fromkeys(experts)} if n <= 8 else None
         swap, swap_s = merged_swap(sw, experts, tokens, merged) if merged else (None, None)
         del merged
@@ -369,12 +376,8 @@ def measure_prefill(bundle: Path, threads: int, dtype: str, repeats: int = 3) ->
     rows = []
     for n in (1, 4):
         experts = [names[i % n] for i in range(8)]
-        rounds = []
-        for _ in range(repeats):
-            base = first_token([None] * 8)
-            ours = first_token(experts)
-            base2 = first_token([None] * 8)
-            rounds.append({"base_s": (base + base2) / 2, "meswitch_s": ours, "ratio": ours / ((base + base2) / 2)})
+        rounds = [{"base_s": base, "meswitch_s": ours, "ratio": ours / base}
+                  for base, ours in bracketed(lambda: first_token([None] * 8), lambda: first_token(experts), repeats)]
         med = statistics.median
         rows.append({"experts": n, "requests": 8, "base_s": med(r["base_s"] for r in rounds),
                      "meswitch_s": med(r["meswitch_s"] for r in rounds), "time_ratio": med(r["ratio"] for r in rounds),
@@ -490,7 +493,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="runtime dtype: auto (the default), float32, bfloat16")
     ap.add_argument("--bundle", help=argparse.SUPPRESS)
     ap.add_argument("--full", help=argparse.SUPPRESS)
-    ap.add_argument("--repeats", type=int, default=3, help="throughput: rounds per configuration (medians reported)")
+    ap.add_argument("--repeats", type=int, default=3, help="throughput and prefill: rounds per configuration (medians reported)")
     ap.add_argument("--name", help="results file name (default: runtime, or runtime_partial with --skip)")
     ap.add_argument("--skip", action="append", default=[], choices=["memory", "cold", "throughput", "prefill", "profile"])
     args = ap.parse_args()

@@ -299,8 +299,11 @@ class StoredCodesBackend:
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan, layer: int) -> torch.Tensor:
         """x @ W^T + b plus every segment's delta; long segments of deltas stored as codes alone
         as one GEMM with W + D, the other rows with W."""
-        merged = [(t, a, b) for t, a, b in plan.python_segments
-                  if b - a >= self.dense_min_tokens and isinstance(t.ready[layer], (PackedDelta, TritonReady))]
+        def mergeable(seg) -> bool:  # long, and codes alone (16-bit or low-rank parts stay in _python_segments)
+            t, a, b = seg
+            return b - a >= self.dense_min_tokens and isinstance(t.ready[layer], (PackedDelta, TritonReady))
+
+        merged = [s for s in plan.python_segments if mergeable(s)]
         if not merged:
             y = F.linear(x, weight, bias)
             self.segmented_matmul(x, y, plan, layer)
@@ -314,9 +317,8 @@ class StoredCodesBackend:
             start = b
         if start < x.shape[0]:
             y[start:] = F.linear(x[start:], weight, bias)
-        done = {(id(t), a, b) for t, a, b in merged}
         self._kernel_segments(x, y, plan, layer)
-        self._python_segments(x, y, [(t, a, b) for t, a, b in plan.python_segments if (id(t), a, b) not in done], layer)
+        self._python_segments(x, y, [s for s in plan.python_segments if not mergeable(s)], layer)
         return y
 
     def _python_segments(self, x: torch.Tensor, y: torch.Tensor, segments: list, layer: int) -> None:

@@ -180,8 +180,12 @@ static RowsFn rows_fn() {
   }
 }
 
+// Into o (dtype T); base, when given, has o's dtype (checked by the caller).
 template <typename T>
-static void dequantize_dispatch(const Desc& d, const int64_t* rows, int64_t n_rows, T* out, const T* base) {
+static void dequantize_dispatch(const Desc& d, const int64_t* rows, int64_t n_rows, at::Tensor& o,
+                                const c10::optional<at::Tensor>& b) {
+  T* out = o.data_ptr<T>();
+  const T* base = b.has_value() ? b->data_ptr<T>() : nullptr;
   switch (current_isa()) {
 #ifdef MESWITCH_X86
     case AVX512_BF16: return isa_avx512_bf16::dequantize_rows<T>(d, rows, n_rows, out, base);
@@ -356,20 +360,10 @@ at::Tensor dequantize(const at::Tensor& desc, const c10::optional<at::Tensor>& r
   } else {
     o = at::empty({n_rows, d.in}, desc.options().dtype(dtype));
   }
-  const auto ptr = [&](auto* type_tag) {
-    using T = std::remove_pointer_t<decltype(type_tag)>;
-    return base.has_value() ? static_cast<const T*>(base->data_ptr()) : nullptr;
-  };
   switch (dtype) {
-    case at::kFloat:
-      dequantize_dispatch<float>(d, rp, n_rows, o.data_ptr<float>(), ptr((float*)nullptr));
-      break;
-    case at::kBFloat16:
-      dequantize_dispatch<c10::BFloat16>(d, rp, n_rows, o.data_ptr<c10::BFloat16>(), ptr((c10::BFloat16*)nullptr));
-      break;
-    case at::kHalf:
-      dequantize_dispatch<c10::Half>(d, rp, n_rows, o.data_ptr<c10::Half>(), ptr((c10::Half*)nullptr));
-      break;
+    case at::kFloat: dequantize_dispatch<float>(d, rp, n_rows, o, base); break;
+    case at::kBFloat16: dequantize_dispatch<c10::BFloat16>(d, rp, n_rows, o, base); break;
+    case at::kHalf: dequantize_dispatch<c10::Half>(d, rp, n_rows, o, base); break;
     default: TORCH_CHECK(false, "meswitch: unsupported output dtype ", dtype);
   }
   return o;

@@ -37,8 +37,8 @@
 // The activations are float32 whatever the model's dtype, so bf16 / fp16 activations are
 // accumulated in float32 too. Salient columns are gathered apart (xs) and added per row.
 // Rows whose groups do not start on a block (not `fusable`) are rebuilt once into a float buffer
-// and dotted with ROW_TOKENS tokens at a time; for many tokens the caller dequantizes the matrix
-// and uses a GEMM instead.
+// and dotted with ROW_TOKENS tokens at a time; for many tokens the caller rebuilds the weight
+// (dequantize_rows) and uses a GEMM instead.
 
 typedef float vf __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
